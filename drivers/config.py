@@ -1,0 +1,154 @@
+"""The one typed config schema of r1ray, loaded from YAML with `a.b=value` overrides.
+
+Every recipe in configs/ is a `Config`. A bad field fails at load time, before any actor
+starts, with a `ConfigError` naming the field, the value and what is allowed:
+
+    cfg = load_config("configs/tiny.yaml", ["rollout.temperature=0.7", "seed=3"])
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names every bad field."""
+
+
+class _Section(BaseModel):
+    # Unknown keys are errors (a typo must not silently fall back to a default).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    """The policy model: a local path, or a preset the project builds itself."""
+
+    path: str | None = Field(
+        None, description="HF checkpoint directory. None: build `preset` under run.output_dir/model.")
+    preset: Literal["tiny", "qwen2.5-0.5b-arch"] = Field(
+        "tiny", description="Embedded random-init model built when path is None.")
+    dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="float32 keeps engine/learner logprobs within 1e-3 on CPU.")
+    seed: int = Field(0, ge=0, description="Seed of the random init of a preset.")
+
+
+class RolloutConfig(_Section):
+    """vLLM rollout workers and their sampling parameters."""
+
+    num_workers: int = Field(1, ge=1, le=1024, description="Number of RolloutWorker actors.")
+    group_size: int = Field(4, ge=1, le=1024, description="G: samples per prompt.")
+    temperature: float = Field(1.0, ge=0.0, le=10.0, description="0 is greedy.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_tokens: int = Field(64, ge=1, le=1_000_000, description="Max completion tokens.")
+    max_model_len: int = Field(1024, ge=16, description="Prompt + completion token budget.")
+    tensor_parallel_size: int = Field(1, ge=1, le=64, description="GPU only; 1 on CPU.")
+    gpu_memory_utilization: float = Field(0.5, gt=0.0, le=1.0, description="GPU only.")
+    kv_cache_gib: int = Field(1, ge=1, le=1024, description="CPU only: VLLM_CPU_KVCACHE_SPACE.")
+    enforce_eager: bool = Field(True, description="Skip torch.compile warm-up (~20 s on CPU).")
+    seed: int = Field(0, ge=0, description="Engine seed (per-request seeds break chunked prefill on CPU).")
+
+
+class RunConfig(_Section):
+    """Where outputs go and how the run is tracked."""
+
+    name: str = Field("tiny", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    output_dir: str = Field("runs/tiny", min_length=1)
+    wandb_mode: Literal["offline", "online", "disabled"] = "offline"
+    wandb_project: str = Field("r1ray", min_length=1)
+
+
+class DemoConfig(_Section):
+    """What the embedded-default main job samples before training exists."""
+
+    prompts: list[str] = Field(
+        default_factory=lambda: ["What is 2 + 3?", "What is 7 + 5?"], min_length=1)
+
+
+class Config(_Section):
+    """A whole r1ray recipe."""
+
+    seed: int = Field(0, ge=0, description="Global seed (data order, sampling, init).")
+    run: RunConfig = Field(default_factory=RunConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    demo: DemoConfig = Field(default_factory=DemoConfig)
+
+    @model_validator(mode="after")
+    def _lengths_fit(self) -> "Config":
+        if self.rollout.max_tokens >= self.rollout.max_model_len:
+            raise ValueError(
+                f"rollout.max_tokens ({self.rollout.max_tokens}) must be smaller than "
+                f"rollout.max_model_len ({self.rollout.max_model_len}), which also holds the prompt")
+        return self
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config ({source}):"]
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"]) or "<root>"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  - {field}: unknown key (value {e['input']!r}); check the spelling")
+            continue
+        msg = e["msg"].removeprefix("Value error, ")
+        allowed = e.get("ctx", {})
+        extra = f" (allowed: {', '.join(f'{k} {v}' for k, v in allowed.items())})" \
+            if allowed and e["type"] != "value_error" else ""
+        lines.append(f"  - {field}: got {e['input']!r}: {msg}{extra}")
+    return "\n".join(lines)
+
+
+def _set_path(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        child = node.setdefault(k, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"invalid override {dotted!r}: {k!r} is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """Turn ["a.b=1", "c=x"] into a nested dict; values are parsed as YAML scalars."""
+    tree: dict = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip() or any(not k for k in key.split(".")):
+            raise ConfigError(f"invalid override {item!r}: expected key.sub=value")
+        _set_path(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else raw)
+    return tree
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def build_config(data: dict, overrides: list[str] | None = None, source: str = "<dict>") -> Config:
+    """Validate a nested dict (plus overrides) into a Config, or raise ConfigError."""
+    merged = _merge(data or {}, parse_overrides(overrides or []))
+    try:
+        return Config.model_validate(merged)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, source)) from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML recipe (None: all defaults) and apply `a.b=value` overrides."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    return build_config(data, overrides, source=str(path) if path else "defaults")

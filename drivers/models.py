@@ -1,0 +1,117 @@
+"""The embedded models: a Qwen2-architecture causal LM and a byte-level tokenizer, built here.
+
+No code path downloads from a hub. `init_model("tiny", out)` builds a random-init model
+(fixed seed) and a tokenizer whose chat template renders the DeepSeek-R1 template, and saves
+both with `save_pretrained`; from then on everything loads them by path, exactly like a real
+checkpoint.
+
+    r1ray init-model --preset tiny --out runs/tiny/model
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+# ALGORITHMS.md §2: the R1-Zero template. The chat template below renders it.
+R1_SYSTEM = (
+    "A conversation between User and Assistant. The user asks a question, and the Assistant "
+    "solves it. The assistant first thinks about the reasoning process in the mind and then "
+    "provides the user with the answer. The reasoning process and answer are enclosed within "
+    "<think> </think> and <answer> </answer> tags, respectively, i.e., <think> reasoning "
+    "process here </think> <answer> answer here </answer>."
+)
+
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
+COLD_START_SEP = "|special_token|"  # cold-start layout: |special_token|<reasoning>|special_token|<summary>
+EOS, PAD = "<|endoftext|>", "<|pad|>"
+SPECIAL_TOKENS = [EOS, PAD, THINK_OPEN, THINK_CLOSE, ANSWER_OPEN, ANSWER_CLOSE, COLD_START_SEP]
+
+# "User: {prompt}. Assistant:" per user turn; assistant turns end with EOS (for SFT data).
+R1_CHAT_TEMPLATE = (
+    "{{- '" + R1_SYSTEM + "' -}}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'user' -%}"
+    "{{- ' User: ' + message['content'] + '. Assistant:' -}}"
+    "{%- elif message['role'] == 'assistant' -%}"
+    "{{- ' ' + message['content'] + '" + EOS + "' -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+)
+
+# Presets. vLLM's CPU attention accepts head_dim 32, 64, 80, 96, 112, 128 only, and its qwen2
+# ignores config.head_dim, so hidden_size / num_attention_heads must be one of those.
+PRESETS: dict[str, dict] = {
+    # ~3.3M parameters: fast enough to sample and train on 2 CPU cores.
+    "tiny": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                 tie_word_embeddings=True, rope_theta=10000.0, rms_norm_eps=1e-6),
+    # The architecture of Qwen2.5-0.5B (random init) for GPU benchmarks. Its vocabulary is the
+    # real model's size; the byte tokenizer only uses the first few hundred ids.
+    "qwen2.5-0.5b-arch": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                              num_attention_heads=14, num_key_value_heads=2,
+                              max_position_embeddings=32768, tie_word_embeddings=True,
+                              rope_theta=1000000.0, rms_norm_eps=1e-6, vocab_size=151936),
+}
+_VLLM_CPU_HEAD_DIMS = {32, 64, 80, 96, 112, 128, 160, 192, 224, 256}
+
+
+def build_tokenizer():
+    """A byte-level BPE tokenizer (256 byte symbols, no merges) plus the R1 special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {ch: i for i, ch in enumerate(alphabet)}
+    for tok in SPECIAL_TOKENS:
+        vocab[tok] = len(vocab)
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    core.decoder = decoders.ByteLevel()
+    core.add_special_tokens(SPECIAL_TOKENS)
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, eos_token=EOS, pad_token=PAD,
+                                  additional_special_tokens=SPECIAL_TOKENS[2:])
+    tok.chat_template = R1_CHAT_TEMPLATE
+    return tok
+
+
+def init_model(preset: str, out: str | Path, seed: int = 0, dtype: str = "float32") -> Path:
+    """Build the preset's random-init Qwen2 model and the tokenizer; save both to `out`."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; allowed: {sorted(PRESETS)}")
+    arch = dict(PRESETS[preset])
+    head_dim = arch["hidden_size"] // arch["num_attention_heads"]
+    assert head_dim in _VLLM_CPU_HEAD_DIMS, f"head_dim {head_dim} unsupported by vLLM CPU attention"
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = build_tokenizer()
+    arch.setdefault("vocab_size", len(tok))
+    cfg = Qwen2Config(**arch, bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id, dtype=dtype)
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(cfg).to(getattr(torch, dtype))
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    n_params = sum(p.numel() for p in model.parameters())
+    (out / "r1ray_model.json").write_text(json.dumps(
+        {"preset": preset, "seed": seed, "dtype": dtype, "params": n_params}, indent=1))
+    return out
+
+
+def ensure_model(model_cfg, output_dir: str | Path) -> Path:
+    """Return the model path of a config: its `path`, or the preset built once under output_dir."""
+    if model_cfg.path:
+        path = Path(model_cfg.path)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"model.path {path} has no config.json (not an HF checkpoint)")
+        return path
+    path = Path(output_dir) / f"model-{model_cfg.preset}-seed{model_cfg.seed}"
+    marker = path / "r1ray_model.json"
+    if not marker.is_file():
+        init_model(model_cfg.preset, path, seed=model_cfg.seed, dtype=model_cfg.dtype)
+    return path

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Create (or update) the project's virtual environment in .venv and install everything.
+#
+#   scripts/setup.sh            # picks requirements/gpu.txt when nvidia-smi sees a GPU, else cpu.txt
+#   R1RAY_HW=cpu scripts/setup.sh
+#
+# Idempotent: a stamp records the hash of the pins, pyproject.toml and this script; when
+# nothing changed it exits in well under a second. Needs python3.11+ on PATH (or $PYTHON).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+VENV=${R1RAY_VENV:-.venv}
+
+hw=${R1RAY_HW:-}
+if [ -z "$hw" ]; then
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then hw=gpu; else hw=cpu; fi
+fi
+pins=requirements/$hw.txt
+[ -f "$pins" ] || { echo "setup: no pin file $pins (R1RAY_HW must be cpu or gpu)" >&2; exit 2; }
+
+stamp="$VENV/.r1ray-setup-stamp"
+want=$(cat "$pins" pyproject.toml "$0" | sha256sum | cut -c1-16)-$hw
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -x "$VENV/bin/r1ray" ]; then
+  exit 0
+fi
+
+t0=$(date +%s)
+echo "setup: installing the $hw stack into $VENV (a few minutes the first time)..."
+[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+pip_args=(--disable-pip-version-check -q)
+# cpu.txt is a complete, verified closure (pip freeze of a working venv): no resolution needed.
+if [ "$hw" = cpu ]; then pip_args+=(--no-deps); fi
+# The machine's pip config lists index folders that may be absent: drop that noise, keep errors.
+pip_quiet() { "$VENV/bin/pip" "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }
+# torch 2.13.0+cpu is not on PyPI: machines of this kind carry it in a local wheel folder
+# (PIP_FIND_LINKS); elsewhere take it from PyTorch's CPU index.
+if [ "$hw" = cpu ] && [ -z "${PIP_FIND_LINKS:-}" ]; then
+  pip_args+=(--extra-index-url https://download.pytorch.org/whl/cpu)
+fi
+pip_quiet install "${pip_args[@]}" -r "$pins"
+# Known-broken extras that vLLM drags in on CPU (torchvision's nms op error; triton is 1 GB, unused).
+if [ "$hw" = cpu ]; then
+  "$VENV/bin/pip" uninstall -y -q torchvision torchaudio torchcodec triton 2>/dev/null || true
+fi
+pip_quiet install --no-deps --disable-pip-version-check -q -e .
+# Fail loudly here rather than at the first test.
+"$VENV/bin/python" - <<'PY'
+import importlib
+for m in ["torch", "transformers", "vllm", "ray", "deepspeed", "wandb", "rouge_score",
+          "math_verify", "pydantic", "yaml", "tqdm", "matplotlib", "actors", "drivers"]:
+    importlib.import_module(m)
+PY
+echo "$want" > "$stamp"
+echo "setup: done in $(( $(date +%s) - t0 )) s"

@@ -1,0 +1,45 @@
+"""Session-wide fixtures: one tiny model, one Ray session, one vLLM rollout worker.
+
+Tests that need none of them (pure math, config) never touch Ray or vLLM.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path(tmp_path_factory) -> str:
+    """The embedded tiny model + tokenizer, built once per test session."""
+    from drivers.models import init_model
+
+    return str(init_model("tiny", tmp_path_factory.mktemp("models") / "tiny", seed=0))
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for the whole test session; shut down (only ours) at the end."""
+    import ray
+
+    from drivers.ray_utils import init_ray
+
+    init_ray()
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def rollout_worker(ray_session, tiny_model_path):
+    """One RolloutWorker actor (vLLM CPU engine, float32, eager) shared by the session."""
+    from drivers.config import build_config
+    from drivers.ray_utils import rollout_worker_actor
+
+    cfg = build_config({"rollout": {"max_tokens": 32, "group_size": 4}})
+    worker = rollout_worker_actor(tiny_model_path, cfg)
+    yield worker
+    ray_session.kill(worker)

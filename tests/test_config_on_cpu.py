@@ -1,0 +1,82 @@
+"""The config schema: defaults, overrides, and clear errors for bad fields."""
+from pathlib import Path
+
+import pytest
+
+from drivers.config import Config, ConfigError, build_config, load_config, parse_overrides
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_every_shipped_recipe_validates():
+    recipes = sorted((ROOT / "configs").glob("*.yaml"))
+    assert recipes, "configs/ holds no recipe"
+    for path in recipes:
+        assert isinstance(load_config(path), Config)
+
+
+def test_overrides_are_typed_and_nested():
+    cfg = load_config(ROOT / "configs/tiny.yaml",
+                      ["rollout.temperature=0.7", "seed=3", "run.name=x1", "model.path=null"])
+    assert cfg.rollout.temperature == 0.7 and cfg.seed == 3 and cfg.run.name == "x1"
+    assert cfg.model.path is None
+    assert parse_overrides(["a.b.c=1", "a.d=[1, 2]"]) == {"a": {"b": {"c": 1}, "d": [1, 2]}}
+
+
+def test_unknown_key_names_the_key():
+    with pytest.raises(ConfigError) as e:
+        build_config({"rollout": {"temprature": 0.5}})
+    assert "rollout.temprature" in str(e.value) and "unknown key" in str(e.value)
+    with pytest.raises(ConfigError, match="unknown key"):
+        build_config({}, ["learner_rate=1"])
+
+
+def test_wrong_type_names_field_and_value():
+    with pytest.raises(ConfigError) as e:
+        build_config({}, ["rollout.group_size=many"])
+    msg = str(e.value)
+    assert "rollout.group_size" in msg and "'many'" in msg and "integer" in msg
+
+
+def test_out_of_range_names_field_value_and_bound():
+    with pytest.raises(ConfigError) as e:
+        build_config({"rollout": {"temperature": -1}})
+    msg = str(e.value)
+    assert "rollout.temperature" in msg and "-1" in msg and "greater than or equal to 0" in msg
+    with pytest.raises(ConfigError) as e:
+        build_config({"model": {"dtype": "float8"}})
+    assert "model.dtype" in str(e.value) and "'float32'" in str(e.value)
+
+
+def test_cross_field_check_and_every_error_reported():
+    with pytest.raises(ConfigError) as e:
+        build_config({"rollout": {"max_tokens": 2000, "max_model_len": 1024}})
+    assert "max_tokens (2000)" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        build_config({"rollout": {"top_p": 0, "num_workers": 0}})
+    assert "rollout.top_p" in str(e.value) and "rollout.num_workers" in str(e.value)
+
+
+def test_bad_files_and_overrides(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("rollout: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    bad.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(bad)
+    for item in ["noequals", "=3", "a..b=1"]:
+        with pytest.raises(ConfigError, match="invalid override"):
+            parse_overrides([item])
+    with pytest.raises(ConfigError, match="not a section"):
+        parse_overrides(["seed=1", "seed.x=2"])
+
+
+def test_cli_reports_config_errors_before_starting_anything(capsys):
+    from drivers.cli import main
+
+    assert main(["sample", str(ROOT / "configs/tiny.yaml"), "rollout.temperature=hot"]) == 2
+    err = capsys.readouterr().err
+    assert "rollout.temperature" in err and "'hot'" in err
