@@ -51,6 +51,21 @@ class RolloutConfig(_Section):
     seed: int = Field(0, ge=0, description="Engine seed (per-request seeds break chunked prefill on CPU).")
 
 
+class RewardConfig(_Section):
+    """Rule-based rewards (actors/rewards.py) and the verifier pool that computes them."""
+
+    weights: dict[Literal["accuracy", "format", "language", "overlong"], float] = Field(
+        default_factory=lambda: {"accuracy": 1.0, "format": 0.5},
+        description="Weighted sum of components; missing components weigh 0.")
+    layout: Literal["r1", "cold_start"] = "r1"
+    target_language: Literal["en", "zh"] = "en"
+    overlong_cache_len: int = Field(
+        0, ge=0, description="DAPO soft overlong buffer in tokens (0: off); L_max = rollout.max_tokens.")
+    timeout_s: float = Field(5.0, gt=0.0, le=600.0, description="Per-item verifier deadline.")
+    num_workers: int = Field(1, ge=1, le=1024, description="RewardWorker actors.")
+    procs_per_worker: int = Field(1, ge=1, le=256, description="Verifier processes per actor.")
+
+
 class RunConfig(_Section):
     """Where outputs go and how the run is tracked."""
 
@@ -74,6 +89,7 @@ class Config(_Section):
     run: RunConfig = Field(default_factory=RunConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    reward: RewardConfig = Field(default_factory=RewardConfig)
     demo: DemoConfig = Field(default_factory=DemoConfig)
 
     @model_validator(mode="after")
@@ -82,6 +98,9 @@ class Config(_Section):
             raise ValueError(
                 f"rollout.max_tokens ({self.rollout.max_tokens}) must be smaller than "
                 f"rollout.max_model_len ({self.rollout.max_model_len}), which also holds the prompt")
+        if self.reward.overlong_cache_len > self.rollout.max_tokens:
+            raise ValueError(f"reward.overlong_cache_len ({self.reward.overlong_cache_len}) must not "
+                             f"exceed rollout.max_tokens ({self.rollout.max_tokens})")
         return self
 
 

@@ -80,3 +80,15 @@ def test_cli_reports_config_errors_before_starting_anything(capsys):
     assert main(["sample", str(ROOT / "configs/tiny.yaml"), "rollout.temperature=hot"]) == 2
     err = capsys.readouterr().err
     assert "rollout.temperature" in err and "'hot'" in err
+
+
+def test_reward_section_validates_component_names_and_ranges():
+    cfg = build_config({"reward": {"weights": {"accuracy": 1.0, "language": 0.2}}})
+    assert cfg.reward.weights == {"accuracy": 1.0, "language": 0.2}
+    with pytest.raises(ConfigError) as e:
+        build_config({"reward": {"weights": {"acuracy": 1.0}}})
+    assert "reward.weights.acuracy" in str(e.value)
+    with pytest.raises(ConfigError, match="reward.timeout_s"):
+        build_config({}, ["reward.timeout_s=0"])
+    with pytest.raises(ConfigError, match="overlong_cache_len"):
+        build_config({}, ["reward.overlong_cache_len=1000"])

@@ -1,0 +1,197 @@
+"""Reward verifiers: hand-written cases per component, real GSM8K data, a fuzz subset, the pool."""
+import importlib.util
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from actors.rewards import (RewardResult, RewardWorker, VerifierPool, accuracy_reward,
+                            chain_of_thought, extract_answer, format_reward,
+                            language_consistency, score_batch, score_one, summarize)
+
+ROOT = Path(__file__).resolve().parents[1]
+GSM8K_TEST = ROOT / "data" / "gsm8k" / "test.jsonl"  # MIT, copied from openai/grade-school-math
+
+
+@pytest.fixture(scope="module")
+def pool():
+    p = VerifierPool(num_procs=2, timeout_s=2.0)
+    yield p
+    p.close()
+
+
+# ----------------------------------------------------------------------------- extraction
+@pytest.mark.parametrize("text, expect", [
+    ("<think>a</think> <answer> 42 </answer>", "42"),
+    ("<answer>1</answer> then <answer>2</answer>", "2"),                 # the last one
+    ("<answer>so \\boxed{7}</answer>", "7"),                             # boxed inside answer
+    ("blah\n#### 1,000\n", "1,000"),                                     # GSM8K
+    ("we get \\boxed{\\frac{1}{2}} and \\boxed{3}", "3"),                # last boxed
+    ("\\boxed{\\frac{a}{b}}", "\\frac{a}{b}"),                           # nested braces
+    ("no answer here", None),
+    ("<answer>unclosed", None),
+    ("\\boxed{unclosed", None),
+])
+def test_extract_answer(text, expect):
+    assert extract_answer(text) == expect
+
+
+# ----------------------------------------------------------------------------- accuracy
+@pytest.mark.parametrize("completion, reference, expect", [
+    ("<answer>18</answer>", "#### 18", 1.0),
+    ("<answer>18.0</answer>", "18", 1.0),
+    ("<answer>$1,000</answer>", "#### 1,000", 1.0),
+    ("<answer>1000</answer>", "#### 1,000", 1.0),
+    ("<answer>1001</answer>", "#### 1,000", 0.0),
+    ("<answer>2880001</answer>", "#### 2880000", 0.0),                   # exact, no rel. tolerance
+    ("<answer>\\frac{1}{2}</answer>", "0.5", 1.0),                       # symbolic via math-verify
+    ("<answer>\\frac{2}{4}</answer>", "\\frac{1}{2}", 1.0),
+    ("<answer>\\sqrt{4}</answer>", "2", 1.0),
+    ("<answer>3</answer>", "\\frac{1}{2}", 0.0),
+    ("the answer is \\boxed{5}", "5", 1.0),
+    ("<answer></answer>", "5", 0.0),
+    ("no answer at all", "5", 0.0),
+    ("<answer>1e5</answer>", "100000", 1.0),
+])
+def test_accuracy_reward(completion, reference, expect):
+    assert accuracy_reward(completion, reference) == expect
+
+
+# ----------------------------------------------------------------------------- format
+@pytest.mark.parametrize("completion, expect", [
+    ("<think>reason</think><answer>5</answer>", 1.0),
+    ("  <think>\nreason\n</think>\n <answer> 5 </answer>\n", 1.0),      # whitespace around is fine
+    ("<think>r</think> text <answer>5</answer>", 0.0),                   # text between
+    ("intro <think>r</think><answer>5</answer>", 0.0),                   # text before
+    ("<think>r</think><answer>5</answer> bye", 0.0),                     # text after
+    ("<answer>5</answer><think>r</think>", 0.0),                         # wrong order
+    ("<think>r</think><answer>5</answer><answer>6</answer>", 0.0),       # duplicated tag
+    ("<think><think>r</think><answer>5</answer>", 0.0),
+    ("<think>r<answer>5</answer>", 0.0),                                  # missing </think>
+    ("", 0.0),
+])
+def test_format_reward_r1(completion, expect):
+    assert format_reward(completion) == expect
+
+
+def test_format_reward_cold_start():
+    assert format_reward("|special_token| reasoning |special_token| summary", "cold_start") == 1.0
+    assert format_reward("|special_token| reasoning |special_token|", "cold_start") == 0.0
+    assert format_reward("x |special_token| r |special_token| s", "cold_start") == 0.0
+    assert format_reward("|special_token|a|special_token|b|special_token|c", "cold_start") == 0.0
+    with pytest.raises(ValueError):
+        format_reward("x", "json")
+
+
+# ----------------------------------------------------------------------------- language
+def test_language_consistency_by_hand():
+    # English: 4 words. Chinese: each character is a word.
+    assert language_consistency("we add two numbers", "en") == 1.0
+    # "first 先算 then 加法": en 2 words, zh 4 chars -> en 2/6, zh 4/6
+    mixed = "first 先算 then 加法"
+    assert language_consistency(mixed, "en") == pytest.approx(2 / 6)
+    assert language_consistency(mixed, "zh") == pytest.approx(4 / 6)
+    # numbers and symbols are not words; accented letters are Latin
+    assert language_consistency("2 + 3 = 5, so café", "en") == 1.0
+    assert language_consistency("Привет world", "en") == 0.5          # Cyrillic counts against
+    assert language_consistency("123 + 456", "zh") == 1.0              # no words: nothing mixed
+    assert chain_of_thought("<think>先算</think><answer>5</answer>") == "先算"
+    assert chain_of_thought("|special_token|r|special_token|s") == "r"
+    with pytest.raises(ValueError):
+        language_consistency("x", "fr")
+
+
+def test_score_one_weights_and_overlong():
+    res = score_one("<think>add them</think><answer>5</answer>", "5", length=18,
+                    weights={"accuracy": 1.0, "format": 0.5, "language": 0.1, "overlong": 1.0},
+                    max_len=20, cache_len=4)
+    # accuracy 1, format 1, language 1, overlong (16 - 18) / 4 = -.5 -> 1 + .5 + .1 - .5 = 1.1
+    assert res.components == {"accuracy": 1.0, "format": 1.0, "language": 1.0, "overlong": -0.5}
+    assert res.reward == pytest.approx(1.1) and res.status == "ok"
+    with pytest.raises(ValueError, match="unknown reward components"):
+        score_one("x", "y", weights={"acuracy": 1.0})
+
+
+# ----------------------------------------------------------------------------- real data
+def test_gsm8k_gold_answers_score_one_and_shifted_score_zero(pool):
+    rows = [json.loads(line) for line in GSM8K_TEST.read_text().splitlines()]
+    refs = [r["answer"] for r in rows]
+    golds = [r["answer"].rsplit("####", 1)[1].strip() for r in rows]
+    reasoning = [r["answer"].rsplit("####", 1)[0].strip() for r in rows]
+    right = [f"<think>{t}</think> <answer>{g}</answer>" for t, g in zip(reasoning, golds)]
+
+    def plus_one(g: str) -> str:
+        v = int(g.replace(",", "")) + 1
+        return f"{v:,}" if "," in g else str(v)
+
+    wrong = [f"<think>{t}</think> <answer>{plus_one(g)}</answer>" for t, g in zip(reasoning, golds)]
+    res_right = score_batch(right, refs, pool=pool, weights={"format": 1.0})
+    res_wrong = score_batch(wrong, refs, pool=pool)
+    n_right = sum(r.components["accuracy"] == 1.0 for r in res_right)
+    n_wrong = sum(r.components["accuracy"] == 1.0 for r in res_wrong)
+    print(f"GSM8K test: {len(rows)} rows; gold scores 1: {n_right}; gold+1 scores 1: {n_wrong}")
+    assert len(rows) == 1319
+    assert n_right == 1319 and n_wrong == 0
+    assert all(r.status == "ok" and r.components["format"] == 1.0 for r in res_right)
+
+
+# ----------------------------------------------------------------------------- the pool
+def _fuzz_module():
+    spec = importlib.util.spec_from_file_location("fuzz_rewards", ROOT / "benchmarks/fuzz_rewards.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_fuzz_subset_no_crash_and_deadlines_hold():
+    stats = _fuzz_module().run(n=200, timeout_s=1.0, procs=2, seed=7)
+    print(json.dumps({k: v for k, v in stats.items() if k != "per_kind"}))
+    assert stats["no_crash"] and sum(stats["statuses"].values()) == 200
+    assert stats["max_overrun_s"] <= 0.5
+    assert stats["statuses"]["ok"] >= 150  # most hostile inputs are handled, not timed out
+
+
+def test_slow_item_times_out_explicitly_and_does_not_block_the_batch(pool):
+    bomb = "<answer>" + "\\sqrt{" * 1000 + "2" + "}" * 1000 + "</answer>"   # math-verify hangs
+    comps = ["<answer>5</answer>"] * 6 + [bomb] + ["<answer>4</answer>"] * 6
+    t0 = time.perf_counter()
+    res = score_batch(comps, ["5"] * len(comps), pool=pool)
+    wall = time.perf_counter() - t0
+    assert [r.status for r in res] == ["ok"] * 6 + ["timeout"] + ["ok"] * 6
+    assert res[6].reward is None and "2.0 s" in res[6].error   # explicit, never a silent 0
+    assert [r.reward for r in res[:6]] == [1.0] * 6 and [r.reward for r in res[7:]] == [0.0] * 6
+    assert wall < 2.0 + 1.5
+    m = summarize(res)
+    assert m["reward/timeout"] == 1 and m["reward/ok"] == 12 and m["reward/mean"] == pytest.approx(0.5)
+    # the pool replaced the killed child and still works
+    assert score_batch(["<answer>5</answer>"], ["5"], pool=pool)[0].reward == 1.0
+
+
+def test_errors_are_explicit(pool):
+    res = score_batch(["<answer>5</answer>"], ["5"], pool=pool, layout="json")
+    assert res[0].status == "error" and res[0].reward is None and "layout" in res[0].error
+    assert summarize(res)["reward/error"] == 1
+    with pytest.raises(ValueError, match="references"):
+        score_batch(["a", "b"], ["a"], pool=pool)
+
+
+def test_reward_workers_as_ray_actors(ray_session):
+    ray = ray_session
+    actor = ray.remote(num_cpus=0)(RewardWorker)
+    workers = [actor.remote(timeout_s=1.5, num_procs=1, weights={"format": 0.5}) for _ in range(2)]
+    try:
+        bomb = "<answer>" + "\\sqrt{" * 1000 + "2" + "}" * 1000 + "</answer>"
+        shards = [(["<think>a</think><answer>5</answer>", bomb], ["5", "5"]),
+                  (["<answer>7</answer>", "<think>b</think><answer>6</answer>"], ["7", "5"])]
+        t0 = time.perf_counter()
+        out = ray.get([w.score.remote(c, r) for w, (c, r) in zip(workers, shards)])
+        assert time.perf_counter() - t0 < 1.5 + 5.0
+        assert [r.status for r in out[0]] == ["ok", "timeout"]
+        assert out[0][0].reward == pytest.approx(1.5)
+        assert [r.reward for r in out[1]] == [1.0, 0.5]
+        assert isinstance(out[1][0], RewardResult)
+        assert ray.get(workers[0].info.remote())["restarts"] == 1
+    finally:
+        for w in workers:
+            ray.kill(w)
