@@ -107,15 +107,15 @@ class Config(_Section):
 def _format_errors(err: ValidationError, source: str) -> str:
     lines = [f"invalid config ({source}):"]
     for e in err.errors():
-        field = ".".join(str(p) for p in e["loc"]) or "<root>"
+        field = ".".join(str(p) for p in e["loc"] if p != "[key]")
         if e["type"] == "extra_forbidden":
             lines.append(f"  - {field}: unknown key (value {e['input']!r}); check the spelling")
             continue
-        msg = e["msg"].removeprefix("Value error, ")
-        allowed = e.get("ctx", {})
-        extra = f" (allowed: {', '.join(f'{k} {v}' for k, v in allowed.items())})" \
-            if allowed and e["type"] != "value_error" else ""
-        lines.append(f"  - {field}: got {e['input']!r}: {msg}{extra}")
+        if not e["loc"]:  # a cross-field check: its message names the fields
+            lines.append(f"  - {e['msg'].removeprefix('Value error, ')}")
+            continue
+        # pydantic's message states what is allowed ("should be greater than 0", "should be 'a' or 'b'")
+        lines.append(f"  - {field}: got {e['input']!r}: {e['msg'].removeprefix('Value error, ')}")
     return "\n".join(lines)
 
 
