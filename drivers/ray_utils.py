@@ -36,7 +36,8 @@ def rollout_worker_actor(model_path: str, cfg):
     from actors.rollout import RolloutWorker
 
     gpus = cfg.rollout.tensor_parallel_size if torch.cuda.is_available() else 0
-    actor_cls = ray.remote(num_cpus=1, num_gpus=gpus)(RolloutWorker)
+    # threaded actor: concurrent generate() calls share one continuously batched engine
+    actor_cls = ray.remote(num_cpus=1, num_gpus=gpus, max_concurrency=16)(RolloutWorker)
     worker = actor_cls.remote(model_path, dtype=cfg.model.dtype, **cfg.rollout.model_dump())
     ray.get(worker.info.remote())  # surfaces engine start-up errors here
     return worker

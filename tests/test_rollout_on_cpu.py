@@ -9,13 +9,13 @@ def sampled(rollout_worker, ray_session):
     return ray_session.get(rollout_worker.generate.remote(prompts, n=4, temperature=1.0, max_tokens=32))
 
 
-def test_groups_are_contiguous_and_complete(sampled):
+def test_groups_are_contiguous_and_complete(sampled, rollout_worker, ray_session):
     assert [r.prompt_index for r in sampled] == [0] * 4 + [1] * 4
     for r in sampled:
         assert 1 <= len(r.completion_ids) <= 32
         assert len(r.logprobs) == len(r.completion_ids)
         assert r.finish_reason in {"stop", "length"}
-        assert r.policy_version == 0
+        assert r.policy_version == ray_session.get(rollout_worker.info.remote())["policy_version"]
         assert all(lp <= 0.0 for lp in r.logprobs)
     # same prompt, same rendered ids; different prompts differ
     assert sampled[0].prompt_ids == sampled[3].prompt_ids != sampled[4].prompt_ids
