@@ -47,6 +47,7 @@ def _engine_env(kv_cache_gib: int) -> None:
     # as live tensors. The learner always lives in another process (its own actor).
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
 
 @dataclass
@@ -77,10 +78,6 @@ class RolloutWorker:
                       worker_extension_cls="actors.vllm_ext.WeightSyncExtension")
         if torch.cuda.is_available():
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
-        self.llm = LLM(**kwargs)
-        self.engine = self.llm.llm_engine
-        self.tokenizer = self.llm.get_tokenizer()
-        self.init_seconds = time.perf_counter() - t0
         self.defaults = dict(temperature=temperature, top_p=top_p, max_tokens=max_tokens)
         self.policy_version = 0
         self.sync_seconds: list[float] = []
@@ -88,11 +85,25 @@ class RolloutWorker:
         self._commands: queue.Queue = queue.Queue()
         self._in_flight: dict[str, _Request] = {}
         self._stop = False
-        self._thread = threading.Thread(target=self._loop, name="vllm-engine", daemon=True)
+        # The engine is built on the thread that steps it: on CPU, vLLM binds the OpenMP
+        # threads of the thread that initialises it (stepping from another thread ran ~20% slower).
+        started: Future = Future()
+        self._thread = threading.Thread(target=self._loop, args=(LLM, kwargs, started),
+                                        name="vllm-engine", daemon=True)
         self._thread.start()
+        started.result()
+        self.tokenizer = self.llm.get_tokenizer()
+        self.init_seconds = time.perf_counter() - t0
 
     # ------------------------------------------------------------------ the engine thread
-    def _loop(self) -> None:
+    def _loop(self, llm_cls, kwargs: dict, started: Future) -> None:
+        try:
+            self.llm = llm_cls(**kwargs)
+            self.engine = self.llm.llm_engine
+        except BaseException as err:  # noqa: BLE001 - surfaces in the constructor
+            started.set_exception(err)
+            return
+        started.set_result(True)
         held: list[tuple] = []       # adds that arrived while a sync point is pending
         barrier = None               # (fn, future) waiting for the engine to drain
         while not self._stop:
@@ -103,9 +114,9 @@ class RolloutWorker:
                 cmd = None
             if cmd is not None:
                 kind = cmd[0]
-                if kind == "add":
+                if kind == "add":  # a whole generate() call joins the batch at once
                     if barrier is None:
-                        self._admit(cmd[1], cmd[2])
+                        self._admit(cmd[1])
                     else:
                         held.append(cmd)
                 elif kind == "sync":
@@ -123,8 +134,8 @@ class RolloutWorker:
                     fut.set_result(fn())
                 except Exception as err:  # noqa: BLE001
                     fut.set_exception(err)
-                for _, rid, req in held:
-                    self._admit(rid, req)
+                for _, reqs in held:
+                    self._admit(reqs)
                 held = []
                 continue
             if self.engine.has_unfinished_requests():
@@ -139,16 +150,18 @@ class RolloutWorker:
                     if out.finished and out.request_id in self._in_flight:
                         self._in_flight.pop(out.request_id).future.set_result(out)
 
-    def _admit(self, rid: str, req: _Request) -> None:
+    def _admit(self, reqs: list[_Request]) -> None:
         from vllm import TokensPrompt
 
-        req.version = self.policy_version
-        self._in_flight[rid] = req
-        try:
-            self.engine.add_request(rid, TokensPrompt(prompt_token_ids=req.prompt_ids), req.params)
-        except Exception as err:  # noqa: BLE001 - e.g. a prompt longer than max_model_len
-            self._in_flight.pop(rid)
-            req.future.set_exception(err)
+        for req in reqs:
+            rid = f"r{next(self._ids)}"
+            req.version = self.policy_version
+            self._in_flight[rid] = req
+            try:
+                self.engine.add_request(rid, TokensPrompt(prompt_token_ids=req.prompt_ids), req.params)
+            except Exception as err:  # noqa: BLE001 - e.g. a prompt longer than max_model_len
+                self._in_flight.pop(rid)
+                req.future.set_exception(err)
 
     def _abort_all(self) -> None:
         ids = list(self._in_flight)
@@ -159,8 +172,7 @@ class RolloutWorker:
 
     def _submit(self, prompt_ids: list[list[int]], params, prompts: list[str]) -> list[_Request]:
         reqs = [_Request(i, p, list(ids), params, Future()) for i, (p, ids) in enumerate(zip(prompts, prompt_ids))]
-        for req in reqs:
-            self._commands.put(("add", f"r{next(self._ids)}", req))
+        self._commands.put(("add", reqs))
         return reqs
 
     @staticmethod

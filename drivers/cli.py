@@ -15,6 +15,7 @@ import sys
 import time
 
 from drivers.config import ConfigError, load_config
+from drivers.models import PRESETS
 
 
 def _cmd_init_model(args) -> int:
@@ -69,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
 
     q = sub.add_parser("init-model", help="build an embedded random-init model + tokenizer")
-    q.add_argument("--preset", default="tiny", choices=["tiny", "qwen2.5-0.5b-arch"])
+    q.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
     q.add_argument("--out", required=True)
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])

@@ -28,7 +28,7 @@ class ModelConfig(_Section):
 
     path: str | None = Field(
         None, description="HF checkpoint directory. None: build `preset` under run.output_dir/model.")
-    preset: Literal["tiny", "qwen2.5-0.5b-arch"] = Field(
+    preset: Literal["tiny", "small", "qwen2.5-0.5b-arch"] = Field(
         "tiny", description="Embedded random-init model built when path is None.")
     dtype: Literal["float32", "bfloat16"] = Field(
         "float32", description="float32 keeps engine/learner logprobs within 1e-3 on CPU.")
@@ -48,6 +48,9 @@ class RolloutConfig(_Section):
     gpu_memory_utilization: float = Field(0.5, gt=0.0, le=1.0, description="GPU only.")
     kv_cache_gib: int = Field(1, ge=1, le=1024, description="CPU only: VLLM_CPU_KVCACHE_SPACE.")
     enforce_eager: bool = Field(True, description="Skip torch.compile warm-up (~20 s on CPU).")
+    cpu_threads: int = Field(
+        0, ge=0, le=1024, description="CPU only: OpenMP threads of each engine (0: all cores). "
+        "Ray would otherwise pin a 1-CPU actor to one thread (~30% slower on 2 cores).")
     seed: int = Field(0, ge=0, description="Engine seed (per-request seeds break chunked prefill on CPU).")
 
 

@@ -46,6 +46,10 @@ PRESETS: dict[str, dict] = {
     "tiny": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4,
                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
                  tie_word_embeddings=True, rope_theta=10000.0, rms_norm_eps=1e-6),
+    # ~25M parameters (100 MB fp32): big enough for weight-sync benchmarks on CPU.
+    "small": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
+                  num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=2048,
+                  tie_word_embeddings=True, rope_theta=10000.0, rms_norm_eps=1e-6),
     # The architecture of Qwen2.5-0.5B (random init) for GPU benchmarks. Its vocabulary is the
     # real model's size; the byte tokenizer only uses the first few hundred ids.
     "qwen2.5-0.5b-arch": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24,

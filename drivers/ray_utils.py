@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 
 # Worker processes inherit these (vLLM reads them at import time).
-WORKER_ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+WORKER_ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "VLLM_LOGGING_LEVEL": "WARNING",
               "WANDB_SILENT": "true", "RAY_DEDUP_LOGS": "1"}
 
 
@@ -36,8 +36,10 @@ def rollout_worker_actor(model_path: str, cfg):
     from actors.rollout import RolloutWorker
 
     gpus = cfg.rollout.tensor_parallel_size if torch.cuda.is_available() else 0
+    threads = cfg.rollout.cpu_threads or os.cpu_count() or 1
     # threaded actor: concurrent generate() calls share one continuously batched engine
-    actor_cls = ray.remote(num_cpus=1, num_gpus=gpus, max_concurrency=16)(RolloutWorker)
+    actor_cls = ray.remote(num_cpus=1, num_gpus=gpus, max_concurrency=16)(RolloutWorker).options(
+        runtime_env={"env_vars": {**WORKER_ENV, "OMP_NUM_THREADS": str(threads)}})
     worker = actor_cls.remote(model_path, dtype=cfg.model.dtype, **cfg.rollout.model_dump())
     ray.get(worker.info.remote())  # surfaces engine start-up errors here
     return worker
