@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 # Worker processes inherit these (vLLM reads them at import time).
 WORKER_ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "VLLM_LOGGING_LEVEL": "WARNING",
@@ -43,3 +44,89 @@ def rollout_worker_actor(model_path: str, cfg):
     worker = actor_cls.remote(model_path, dtype=cfg.model.dtype, **cfg.rollout.model_dump())
     ray.get(worker.info.remote())  # surfaces engine start-up errors here
     return worker
+
+
+def _node_ip_and_free_port() -> tuple[str, int]:
+    import socket
+
+    import ray
+
+    with socket.socket() as s:
+        s.bind(("", 0))
+        port = s.getsockname()[1]
+    return ray.util.get_node_ip_address(), port
+
+
+class ActorGroup:
+    """N actors of one class, placed in one placement group, called all together.
+
+        group = ActorGroup(Learner, 2, kwargs_fn=lambda rank, addr, port: {...})
+        metrics = group.get(group.call("train_step", batch))          # same args to all
+        metrics = group.get(group.call_each("train_step", shards))    # one arg list each
+
+    kwargs_fn(rank, master_addr, master_port) gives each actor's constructor kwargs; the
+    address and a free port are read on the node of bundle 0 (rank 0), so multi-node works.
+    The wait for resources shows a message, so an autoscaling cluster has time to add nodes.
+    """
+
+    def __init__(self, cls, n: int, *, kwargs_fn, num_cpus: float = 1, num_gpus: float = 0,
+                 strategy: str = "PACK", env: dict | None = None, max_concurrency: int = 1,
+                 ready_timeout_s: float = 600.0, name: str = ""):
+        import ray
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        self.name = name or cls.__name__
+        bundle = {"CPU": num_cpus, **({"GPU": num_gpus} if num_gpus else {})}
+        self.pg = placement_group([dict(bundle) for _ in range(n)], strategy=strategy)
+        wait_for_placement(self.pg, f"{n} x {bundle} for {self.name}", ready_timeout_s)
+        on = [PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i) for i in range(n)]
+        addr, port = ray.get(ray.remote(num_cpus=0)(_node_ip_and_free_port)
+                             .options(scheduling_strategy=on[0]).remote())
+        remote_cls = ray.remote(cls)
+        self.actors = [remote_cls.options(num_cpus=num_cpus, num_gpus=num_gpus, scheduling_strategy=on[i],
+                                          max_concurrency=max_concurrency,
+                                          runtime_env={"env_vars": {**WORKER_ENV, **(env or {})}})
+                       .remote(**kwargs_fn(i, addr, port)) for i in range(n)]
+
+    def call(self, method: str, *args, **kwargs) -> list:
+        """Call `method` with the same arguments on every actor; returns ObjectRefs."""
+        return [getattr(a, method).remote(*args, **kwargs) for a in self.actors]
+
+    def call_each(self, method: str, per_actor_args: list[tuple], **kwargs) -> list:
+        """Call `method` on actor i with per_actor_args[i]; returns ObjectRefs."""
+        if len(per_actor_args) != len(self.actors):
+            raise ValueError(f"{len(per_actor_args)} argument sets for {len(self.actors)} actors")
+        return [getattr(a, method).remote(*args, **kwargs) for a, args in zip(self.actors, per_actor_args)]
+
+    @staticmethod
+    def get(refs: list, timeout: float | None = None) -> list:
+        """ray.get with a timeout that names what was being waited for."""
+        import ray
+
+        return ray.get(refs, timeout=timeout)
+
+    def kill(self) -> None:
+        """Kill this group's actors and remove its placement group (nothing else)."""
+        import ray
+        from ray.util.placement_group import remove_placement_group
+
+        for a in self.actors:
+            ray.kill(a)
+        remove_placement_group(self.pg)
+
+
+def wait_for_placement(pg, what: str, timeout_s: float) -> None:
+    """Wait for a placement group, printing progress while the cluster (auto)scales."""
+    import ray
+
+    t0 = time.perf_counter()
+    while True:
+        ready, _ = ray.wait([pg.ready()], timeout=10.0)
+        if ready:
+            return
+        waited = time.perf_counter() - t0
+        if waited >= timeout_s:
+            raise TimeoutError(f"resources for {what} not available after {waited:.0f} s; "
+                               f"cluster has {ray.cluster_resources()}")
+        print(f"waiting for {what} ({waited:.0f} s; cluster has {ray.available_resources()})", flush=True)

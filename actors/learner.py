@@ -1,0 +1,379 @@
+"""Learner: one DeepSpeed ZeRO rank computing GRPO (or SFT) updates.
+
+A plain class; the driver places N of them as Ray actors (one per rank) and calls every
+method on all ranks at once (the collectives need all of them). gloo on CPU, NCCL on GPU.
+
+Batches are plain dicts of lists (one row per sequence), split across ranks by the driver:
+    input_ids      prompt + completion token ids
+    prompt_lens    number of prompt tokens of each row
+    advantages     one float per row                         (GRPO)
+    behavior_logp  the rollout engine's logprob per completion token (GRPO)
+Losses are normalised over the *global* batch (all ranks, all micro-batches), so the update
+equals one full-batch step of `actors.grpo.grpo_loss` whatever the micro-batching.
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from actors.grpo import grpo_loss, token_entropy, token_logprobs
+from actors.weight_sync import DEFAULT_BUCKET_BYTES, ObjectStoreTransport
+
+
+def pack_micro_batches(lengths: list[int], token_budget: int) -> list[list[int]]:
+    """Greedy, order-keeping split of rows into micro-batches of at most `token_budget`
+    padded tokens (rows * longest row). A row longer than the budget goes alone."""
+    if token_budget <= 0:
+        raise ValueError("token_budget must be positive")
+    batches: list[list[int]] = []
+    current: list[int] = []
+    longest = 0
+    for i, n in enumerate(lengths):
+        if current and (len(current) + 1) * max(longest, n) > token_budget:
+            batches.append(current)
+            current, longest = [], 0
+        current.append(i)
+        longest = max(longest, n)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def _skip_shm_build() -> None:
+    # DeepSpeed JIT-builds a shm comm op (~50 s) on CPU that ZeRO never uses. Note the trap:
+    # `import deepspeed.comm.torch as m` gives the *torch* package, hence sys.modules.
+    import deepspeed.comm  # noqa: F401
+
+    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+
+
+class Learner:
+    """One rank: a DeepSpeed engine around an HF causal LM, plus a frozen reference if beta > 0."""
+
+    def __init__(self, model_path: str, *, rank: int = 0, world_size: int = 1,
+                 master_addr: str = "127.0.0.1", master_port: int = 29500, zero_stage: int = 2,
+                 dtype: str = "float32", lr: float = 1e-5, weight_decay: float = 0.0,
+                 betas: tuple[float, float] = (0.9, 0.999), adam_eps: float = 1e-8, grad_clip: float = 1.0,
+                 micro_batch_tokens: int = 8192, cpu_threads: int = 1, seed: int = 0,
+                 beta: float = 0.0, eps_low: float = 0.2, eps_high: float = 0.2,
+                 agg: str = "token-mean", ratio_level: str = "token", max_len: int | None = None,
+                 is_cap: float | None = 2.0, old_logp: str = "rollout", temperature: float = 1.0,
+                 mini_batches: int = 1, **_ignored):
+        os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank),
+                          WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                          LOCAL_WORLD_SIZE=str(world_size))
+        torch.set_num_threads(cpu_threads)
+        import deepspeed
+        from transformers import AutoModelForCausalLM
+
+        self.cuda = torch.cuda.is_available()
+        if not self.cuda:
+            _skip_shm_build()
+        deepspeed.init_distributed(dist_backend="nccl" if self.cuda else "gloo")
+        self.rank, self.world_size, self.zero_stage = rank, world_size, zero_stage
+        self.model_path = str(model_path)
+        self.dtype = getattr(torch, dtype)
+        self.loss_kw = dict(eps_low=eps_low, eps_high=eps_high, beta=beta, agg=agg,
+                            ratio_level=ratio_level, max_len=max_len, is_cap=is_cap)
+        self.old_logp_source, self.temperature = old_logp, temperature
+        self.micro_batch_tokens, self.mini_batches = micro_batch_tokens, mini_batches
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=self.dtype)
+        model.config.use_cache = False
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=tuple(betas), eps=adam_eps,
+                                      weight_decay=weight_decay)
+        self.ds_config = {
+            "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
+            # the number of micro-batches varies per step (token-budget packing): step() is
+            # the accumulation boundary, backward() only accumulates
+            "managed_gradient_accumulation": False,
+            "zero_optimization": {"stage": zero_stage},
+            "gradient_clipping": grad_clip, "steps_per_print": 10**9, "wall_clock_breakdown": False,
+            "bf16": {"enabled": dtype == "bfloat16"},
+        }
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, config=self.ds_config)
+        self.device = self.engine.device
+        self.ref = None
+        if beta > 0:  # a frozen reference, sharded like the policy under ZeRO-3
+            ref = AutoModelForCausalLM.from_pretrained(model_path, dtype=self.dtype).eval()
+            ref.requires_grad_(False)
+            if zero_stage == 3:
+                ref = deepspeed.initialize(model=ref, config={**self.ds_config, "gradient_clipping": 0.0})[0]
+            self.ref = ref.to(self.device)
+        self.steps = 0
+        self.skipped_steps = 0
+
+    # ------------------------------------------------------------------ helpers
+    def _all_reduce(self, values: list[float], op: str = "sum") -> list[float]:
+        import torch.distributed as dist
+
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+        return t.tolist()
+
+    def _pad(self, rows: list[list], value, dtype) -> torch.Tensor:
+        width = max(len(r) for r in rows)
+        out = torch.full((len(rows), width), value, dtype=dtype)
+        for i, r in enumerate(rows):
+            out[i, :len(r)] = torch.tensor(r, dtype=dtype)
+        return out.to(self.device)
+
+    def _shifted(self, batch: dict, idx: list[int]) -> dict:
+        """Tensors for rows idx, aligned to next-token positions [B, L-1]."""
+        ids = self._pad([batch["input_ids"][i] for i in idx], 0, torch.long)
+        lens = torch.tensor([len(batch["input_ids"][i]) for i in idx], device=self.device)
+        plens = torch.tensor([batch["prompt_lens"][i] for i in idx], device=self.device)
+        pos = torch.arange(ids.shape[1] - 1, device=self.device)[None]
+        # position t predicts token t+1: completion tokens are t+1 in [prompt_len, len)
+        mask = ((pos >= plens[:, None] - 1) & (pos < lens[:, None] - 1)).float()
+        attn = (torch.arange(ids.shape[1], device=self.device)[None] < lens[:, None]).long()
+        out = {"ids": ids, "attn": attn, "targets": ids[:, 1:], "mask": mask}
+        for key in ("behavior_logp", "old_logp"):
+            if key in batch:  # per-completion-token values placed at their positions
+                full = torch.zeros_like(mask)
+                for r, i in enumerate(idx):
+                    vals = torch.tensor(batch[key][i], dtype=torch.float32, device=self.device)
+                    start = int(plens[r]) - 1
+                    full[r, start:start + len(vals)] = vals
+                out[key] = full
+        if "advantages" in batch:
+            out["adv"] = torch.tensor([batch["advantages"][i] for i in idx], dtype=torch.float32,
+                                      device=self.device)
+        return out
+
+    def _logits(self, model, mb: dict) -> torch.Tensor:
+        # call the DeepSpeed engine, not engine.module: its forward advances ZeRO-3's micro-step
+        # (without it, each backward overwrites the previous micro-batch's gradients)
+        return model(input_ids=mb["ids"], attention_mask=mb["attn"]).logits[:, :-1]
+
+    def _micro_batches(self, batch: dict) -> list[list[int]]:
+        return pack_micro_batches([len(x) for x in batch["input_ids"]], self.micro_batch_tokens)
+
+    # ------------------------------------------------------------------ GRPO
+    @torch.no_grad()
+    def _fill_old_and_ref(self, batch: dict) -> dict:
+        """old_logp from the current weights (when configured) and ref_logp (when beta > 0)."""
+        need_old = self.old_logp_source == "learner" or self.mini_batches > 1
+        if not need_old and self.ref is None:
+            return batch
+        batch = dict(batch)
+        olds, refs = [None] * len(batch["input_ids"]), [None] * len(batch["input_ids"])
+        for idx in self._micro_batches(batch):
+            mb = self._shifted(batch, idx)
+            old_lp = token_logprobs(self._logits(self.engine, mb), mb["targets"], self.temperature) \
+                if need_old else None
+            ref_lp = token_logprobs(self._logits(self.ref, mb), mb["targets"], self.temperature) \
+                if self.ref is not None else None
+            for r, i in enumerate(idx):
+                sl = slice(batch["prompt_lens"][i] - 1, len(batch["input_ids"][i]) - 1)
+                if need_old:
+                    olds[i] = old_lp[r, sl].tolist()
+                if self.ref is not None:
+                    refs[i] = ref_lp[r, sl].tolist()
+        if need_old:
+            batch["old_logp"] = olds
+        if self.ref is not None:
+            batch["ref_logp"] = refs
+        return batch
+
+    def train_step(self, batch: dict, inject_nan: bool = False) -> dict:
+        """One GRPO update (or `mini_batches` of them) on this rank's shard of the batch.
+
+        Returns metrics averaged over the global batch (identical on every rank). A non-finite
+        loss on any rank skips the update on all ranks (weights unchanged, skipped=1).
+        """
+        t0 = time.perf_counter()
+        self.engine.train()
+        batch = self._fill_old_and_ref(batch)
+        if "old_logp" not in batch:
+            batch = {**batch, "old_logp": batch["behavior_logp"]}
+        rows = list(range(len(batch["input_ids"])))
+        splits = [rows[k::self.mini_batches] for k in range(self.mini_batches)]
+        totals = {"loss": 0.0, "skipped": 0.0}
+        sums: dict[str, float] = {}
+        for split in splits:
+            sub = {k: [v[i] for i in split] for k, v in batch.items() if isinstance(v, list)}
+            metrics = self._update(sub, inject_nan)
+            totals["loss"] += metrics.pop("loss") / len(splits)
+            totals["skipped"] += metrics.pop("skipped")
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + v / len(splits)
+        self.steps += 1
+        return {**sums, **totals, "step_seconds": time.perf_counter() - t0,
+                "learner_step": float(self.steps)}
+
+    def _dummy_loss(self) -> torch.Tensor:
+        """A zero loss through a real forward: keeps every rank's backward passes (and ZeRO's
+        collectives) aligned when this rank has fewer micro-batches."""
+        ids = torch.zeros((1, 2), dtype=torch.long, device=self.device)
+        return self.engine(input_ids=ids).logits.sum() * 0.0
+
+    def _aligned_micro_batches(self, batch: dict) -> list[list[int]]:
+        micro = self._micro_batches(batch) if batch["input_ids"] else []
+        n_micro = int(self._all_reduce([len(micro)], "max")[0])
+        return micro + [[] for _ in range(n_micro - len(micro))]
+
+    def _apply_step(self, losses_finite: bool) -> tuple[bool, float]:
+        """Optimizer step unless the loss or the gradient norm is non-finite on any rank.
+
+        ZeRO 1-3 skip a non-finite gradient norm themselves (and clear the gradients); stage 0
+        has no such guard, so the gradients are checked here. Returns (stepped, grad_norm).
+        """
+        all_finite = self._all_reduce([0.0 if losses_finite else 1.0], "max")[0] == 0.0
+        if self.zero_stage == 0:
+            sq = sum(float(p.grad.double().pow(2).sum()) for p in self.engine.module.parameters()
+                     if p.grad is not None)
+            if not (all_finite and math.isfinite(self._all_reduce([sq])[0])):
+                self.engine.zero_grad()
+                return False, math.nan
+            self.engine.step()
+            norm = self.engine.get_global_grad_norm()
+            return True, float(norm) if norm is not None else math.nan
+        if not all_finite:  # make sure ZeRO sees it: the norm of NaN gradients is NaN
+            for p in self.engine.module.parameters():
+                if p.grad is not None:
+                    p.grad.fill_(float("nan"))
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        norm = float(norm) if norm is not None else math.nan
+        return all_finite and math.isfinite(norm), norm
+
+    def _update(self, batch: dict, inject_nan: bool) -> dict:
+        per_token = self.loss_kw["agg"] == "token-mean"
+        local_tokens = sum(len(x) - p for x, p in zip(batch["input_ids"], batch["prompt_lens"]))
+        g_tokens, g_rows = self._all_reduce([local_tokens, len(batch["input_ids"])])
+        denominator = g_tokens if per_token else g_rows
+        micro = self._aligned_micro_batches(batch)
+        keys = ["policy_loss", "kl", "clip_frac_low", "clip_frac_high", "ratio_mean", "entropy"]
+        sums = dict.fromkeys(keys, 0.0)
+        total_loss, ratio_max, finite = 0.0, 1.0, True
+        for k, idx in enumerate(micro):
+            if not idx:
+                self.engine.backward(self._dummy_loss(), scale_wrt_gas=False)
+                continue
+            mb = self._shifted(batch, idx)
+            logits = self._logits(self.engine, mb)
+            logp = token_logprobs(logits, mb["targets"], self.temperature)
+            ref = None
+            if "ref_logp" in batch:
+                ref = self._shifted({**batch, "old_logp": batch["ref_logp"]}, idx)["old_logp"]
+            behavior = mb.get("behavior_logp") if self.old_logp_source == "learner" else None
+            loss, metrics = grpo_loss(logp, mb["old_logp"], mb["adv"], mb["mask"], ref,
+                                      behavior_logp=behavior, **self.loss_kw)
+            count = metrics["n_tokens"] if per_token else len(idx)
+            loss = loss * (count / denominator) * self.world_size  # DeepSpeed averages over ranks
+            if inject_nan:
+                loss = loss * float("nan")
+            with torch.no_grad():
+                metrics["entropy"] = float((token_entropy(logits, self.temperature) * mb["mask"]).sum()
+                                           / mb["mask"].sum().clamp(min=1))
+            self.engine.backward(loss, scale_wrt_gas=False)
+            finite = finite and math.isfinite(float(loss.detach()))
+            total_loss += float(loss.detach()) / self.world_size
+            ratio_max = max(ratio_max, metrics["ratio_max"])
+            for key in keys:
+                sums[key] += metrics[key] * metrics["n_tokens"]
+        stepped, grad_norm = self._apply_step(finite)
+        if not stepped:
+            self.skipped_steps += 1
+        totals = self._all_reduce([sums[k] for k in keys] + [total_loss])
+        out = {f"train/{k}": v / max(g_tokens, 1) for k, v in zip(keys, totals[:-1])}
+        out.update({"loss": totals[-1], "skipped": 0.0 if stepped else 1.0,
+                    "train/ratio_max": self._all_reduce([ratio_max], "max")[0],
+                    "train/tokens": g_tokens, "train/grad_norm": grad_norm})
+        return out
+
+    # ------------------------------------------------------------------ SFT
+    def sft_step(self, batch: dict) -> dict:
+        """One masked next-token (cross-entropy) update on completion tokens, token-mean."""
+        t0 = time.perf_counter()
+        self.engine.train()
+        local_tokens = sum(len(x) - p for x, p in zip(batch["input_ids"], batch["prompt_lens"]))
+        g_tokens = self._all_reduce([local_tokens])[0]
+        micro = self._aligned_micro_batches(batch)
+        total, finite = 0.0, True
+        for k, idx in enumerate(micro):
+            if not idx:
+                self.engine.backward(self._dummy_loss(), scale_wrt_gas=False)
+                continue
+            mb = self._shifted(batch, idx)
+            logp = token_logprobs(self._logits(self.engine, mb), mb["targets"])
+            loss = -(logp * mb["mask"]).sum() / g_tokens * self.world_size
+            self.engine.backward(loss, scale_wrt_gas=False)
+            total += float(loss.detach()) / self.world_size
+            finite = finite and math.isfinite(total)
+        stepped, grad_norm = self._apply_step(finite)
+        self.steps += 1
+        return {"sft/nll": self._all_reduce([total])[0], "sft/tokens": g_tokens,
+                "sft/grad_norm": grad_norm, "skipped": 0.0 if stepped else 1.0,
+                "step_seconds": time.perf_counter() - t0, "learner_step": float(self.steps)}
+
+    # ------------------------------------------------------------------ weights and checkpoints
+    def _gathered(self):
+        """Context in which every parameter is whole on every rank (collective under ZeRO-3)."""
+        import contextlib
+
+        import deepspeed
+
+        if self.zero_stage == 3:
+            return deepspeed.zero.GatheredParameters(list(self.engine.module.parameters()), modifier_rank=None)
+        return contextlib.nullcontext()
+
+    def export_weights(self, bucket_bytes: int = DEFAULT_BUCKET_BYTES):
+        """Full-precision (name, tensor) buckets in the object store; rank 0 returns the
+        handles, other ranks None. Collective: call on all ranks."""
+        with self._gathered():
+            if self.rank != 0:
+                return None
+            named = [(n, p.detach().float() if p.dtype != torch.float32 else p.detach())
+                     for n, p in self.engine.module.named_parameters()]
+            return ObjectStoreTransport.publish(named, bucket_bytes)
+
+    def peak_memory_mb(self) -> float:
+        """Peak resident memory of this rank's process (MB)."""
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    def state_checksum(self) -> float:
+        """Sum of all parameters (float64), gathered; collective."""
+        with self._gathered():
+            return float(sum(p.detach().double().sum() for p in self.engine.module.parameters()))
+
+    def get_state_dict(self) -> dict:
+        """A CPU copy of the full parameters (tests and tools; collective)."""
+        with self._gathered():
+            return {n: p.detach().float().cpu().clone() for n, p in self.engine.module.named_parameters()}
+
+    def save_checkpoint(self, directory: str, tag: str = "latest", client_state: dict | None = None) -> str:
+        """DeepSpeed state (optimizer, partitions) + an HF export under directory/hf (collective)."""
+        directory = Path(directory)
+        self.engine.save_checkpoint(str(directory), tag=tag,
+                                    client_state={"steps": self.steps, **(client_state or {})})
+        with self._gathered():
+            if self.rank == 0:
+                from transformers import AutoTokenizer
+
+                hf_dir = directory / "hf"
+                self.engine.module.save_pretrained(hf_dir, safe_serialization=True)
+                AutoTokenizer.from_pretrained(self.model_path).save_pretrained(hf_dir)
+        import torch.distributed as dist
+
+        dist.barrier()
+        return str(directory)
+
+    def load_checkpoint(self, directory: str, tag: str = "latest") -> dict:
+        """Restore DeepSpeed state saved by save_checkpoint; returns its client state."""
+        if not (Path(directory) / tag).is_dir():
+            raise FileNotFoundError(f"no checkpoint '{tag}' under {directory}")
+        path, client = self.engine.load_checkpoint(str(directory), tag=tag)
+        if path is None:
+            raise RuntimeError(f"checkpoint {directory}/{tag} could not be loaded")
+        self.steps = int(client.get("steps", 0))
+        return client

@@ -1,0 +1,198 @@
+"""DeepSpeed learner ranks as Ray actors: equality with a plain PyTorch step, resume, NaN guard."""
+import random
+
+import pytest
+import torch
+
+from actors.grpo import grpo_loss
+from actors.learner import Learner, pack_micro_batches
+
+LOSS = dict(eps_low=0.2, eps_high=0.28, beta=0.0, agg="token-mean")
+# Adam's first step is g / (|g| + eps): with eps 1e-8, fp32 summation-order noise in
+# gradients near 0 is amplified to O(lr). eps 1e-5 keeps the comparison about the gradients.
+OPT = dict(lr=1e-3, weight_decay=0.01, betas=(0.9, 0.99), adam_eps=1e-5, grad_clip=1.0)
+
+
+def test_pack_micro_batches_by_hand():
+    # budget 12 padded tokens: [5, 3] -> 2*5=10 ok; +4 -> 3*5=15 > 12 -> new; [4, 2] -> 8; +6 -> 18 -> new
+    assert pack_micro_batches([5, 3, 4, 2, 6], 12) == [[0, 1], [2, 3], [4]]
+    assert pack_micro_batches([20, 1], 12) == [[0], [1]]  # an oversized row goes alone
+    assert pack_micro_batches([], 12) == []
+    with pytest.raises(ValueError):
+        pack_micro_batches([1], 0)
+
+
+def make_batch(model_path, n_rows=8, seed=0):
+    """Synthetic GRPO rows; behaviour logprobs = the model's own + noise (ratios off 1, some clipped)."""
+    from transformers import AutoModelForCausalLM
+
+    rng = random.Random(seed)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    rows, plens = [], []
+    for _ in range(n_rows):
+        p, c = rng.randint(3, 8), rng.randint(2, 12)
+        rows.append([rng.randrange(256) for _ in range(p + c)])
+        plens.append(p)
+    behavior = []
+    g = torch.Generator().manual_seed(seed)
+    for ids, p in zip(rows, plens):
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids])).logits[0, :-1]
+        lp = torch.log_softmax(logits, -1).gather(-1, torch.tensor(ids[1:])[:, None])[:, 0][p - 1:]
+        behavior.append((lp + 0.3 * torch.randn(lp.shape, generator=g)).tolist())
+    adv = [rng.choice([-1.0, -0.5, 0.5, 1.0]) for _ in rows]
+    return {"input_ids": rows, "prompt_lens": plens, "advantages": adv, "behavior_logp": behavior}
+
+
+def reference_step(model_path, batch):
+    """Single-process plain PyTorch: full-batch grpo_loss, backward, clip, AdamW."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    opt = torch.optim.AdamW(model.parameters(), lr=OPT["lr"], betas=OPT["betas"], eps=OPT["adam_eps"],
+                            weight_decay=OPT["weight_decay"])
+    width = max(len(r) for r in batch["input_ids"])
+    B = len(batch["input_ids"])
+    ids = torch.zeros(B, width, dtype=torch.long)
+    attn = torch.zeros(B, width, dtype=torch.long)
+    old = torch.zeros(B, width - 1)
+    mask = torch.zeros(B, width - 1)
+    for i, (r, p, b) in enumerate(zip(batch["input_ids"], batch["prompt_lens"], batch["behavior_logp"])):
+        ids[i, :len(r)] = torch.tensor(r)
+        attn[i, :len(r)] = 1
+        mask[i, p - 1:len(r) - 1] = 1
+        old[i, p - 1:len(r) - 1] = torch.tensor(b)
+    logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1]
+    logp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None])[..., 0]
+    loss, _ = grpo_loss(logp, old, torch.tensor(batch["advantages"]), mask, **LOSS)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), OPT["grad_clip"])
+    opt.step()
+    return loss.item(), {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def learner_group(model_path, world, stage, **extra):
+    from drivers.ray_utils import ActorGroup
+
+    def kwargs(rank, addr, port):
+        return dict(model_path=model_path, rank=rank, world_size=world, master_addr=addr,
+                    master_port=port, zero_stage=stage, **{"micro_batch_tokens": 40, **OPT, **LOSS, **extra})
+
+    return ActorGroup(Learner, world, kwargs_fn=kwargs, name=f"learner-zero{stage}")
+
+
+def shard(batch, world):
+    # uneven shards: rank 0 gets more rows (and more micro-batches) than rank 1
+    cut = [0, 5, 8] if world == 2 else [0, len(batch["input_ids"])]
+    return [({k: v[cut[r]:cut[r + 1]] for k, v in batch.items()},) for r in range(world)]
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_two_ranks_match_a_plain_pytorch_step(ray_session, tiny_model_path, stage):
+    batch = make_batch(tiny_model_path)
+    ref_loss, ref_weights = reference_step(tiny_model_path, batch)
+    group = learner_group(tiny_model_path, 2, stage)
+    try:
+        metrics = group.get(group.call_each("train_step", shard(batch, 2)))
+        weights = group.get(group.call("get_state_dict"))[0]
+    finally:
+        group.kill()
+    assert metrics[0]["loss"] == pytest.approx(metrics[1]["loss"], abs=0)  # identical on all ranks
+    assert metrics[0]["loss"] == pytest.approx(ref_loss, abs=1e-6)
+    assert metrics[0]["skipped"] == 0 and metrics[0]["train/clip_frac_high"] > 0
+    worst = max((weights[n] - ref_weights[n]).abs().max().item() for n in ref_weights)
+    moved = max((ref_weights[n] - w0).abs().max().item()
+                for n, w0 in _initial(tiny_model_path).items())
+    print(f"ZeRO-{stage}: loss {metrics[0]['loss']:.6f} vs ref {ref_loss:.6f}; max |w - w_ref| = {worst:.2e}"
+          f" (update size {moved:.2e})")
+    assert worst <= 1e-5 and moved > 1e-4
+
+
+def _initial(model_path):
+    from transformers import AutoModelForCausalLM
+
+    return {n: p.detach() for n, p in AutoModelForCausalLM.from_pretrained(model_path).named_parameters()}
+
+
+def test_resume_nan_guard_sft_and_export(ray_session, tiny_model_path, tmp_path, rollout_worker):
+    ray = ray_session
+    batch1, batch2 = make_batch(tiny_model_path, seed=1), make_batch(tiny_model_path, seed=2)
+    group = learner_group(tiny_model_path, 2, 2)
+    try:
+        group.get(group.call_each("train_step", shard(batch1, 2)))
+        group.get(group.call("save_checkpoint", str(tmp_path / "ckpt"), "step1"))
+        uninterrupted = group.get(group.call_each("train_step", shard(batch2, 2)))[0]["loss"]
+        w_uninterrupted = group.get(group.call("get_state_dict"))[0]
+
+        # resume: back to step 1, the same next step, bit for bit
+        group.get(group.call("load_checkpoint", str(tmp_path / "ckpt"), "step1"))
+        resumed = group.get(group.call_each("train_step", shard(batch2, 2)))[0]["loss"]
+        w_resumed = group.get(group.call("get_state_dict"))[0]
+        assert resumed == uninterrupted
+        assert all(torch.equal(w_resumed[n], w_uninterrupted[n]) for n in w_resumed)
+        with pytest.raises(ray.exceptions.RayTaskError, match="no checkpoint"):
+            group.get(group.call("load_checkpoint", str(tmp_path / "missing")))
+
+        # NaN guard: a non-finite loss skips the step on all ranks, weights untouched
+        before = group.get(group.call("state_checksum"))[0]
+        bad = group.get(group.call_each("train_step", shard(batch2, 2), inject_nan=True))
+        assert all(m["skipped"] == 1.0 for m in bad)
+        assert group.get(group.call("state_checksum"))[0] == before
+        good = group.get(group.call_each("train_step", shard(batch2, 2)))
+        assert good[0]["skipped"] == 0.0 and group.get(group.call("state_checksum"))[0] != before
+
+        # SFT mode on the same engine: the NLL of a fixed batch falls
+        sft = {"input_ids": batch1["input_ids"], "prompt_lens": batch1["prompt_lens"]}
+        nlls = [group.get(group.call_each("sft_step", shard(sft, 2)))[0]["sft/nll"] for _ in range(4)]
+        assert nlls[-1] < nlls[0]
+
+        # export -> rollout engine: vLLM's logprobs equal the learner's weights' logprobs
+        handles = group.get(group.call("export_weights"))[0]
+        state = group.get(group.call("get_state_dict"))[0]
+        version = ray.get(rollout_worker.info.remote())["policy_version"] + 1
+        ray.get(rollout_worker.update_weights.remote(handles, version))
+        group.get(group.call("save_checkpoint", str(tmp_path / "ckpt"), "final"))
+    finally:
+        group.kill()
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt" / "hf").eval()
+    assert all(torch.equal(p, state[n]) for n, p in hf.named_parameters())
+    seq = batch1["input_ids"][0]
+    with torch.no_grad():
+        lp = torch.log_softmax(hf(input_ids=torch.tensor([seq])).logits[0, :-1], -1)
+    expect = lp.gather(-1, torch.tensor(seq[1:])[:, None])[:, 0]
+    got = torch.tensor(ray.get(rollout_worker.sequence_logprobs.remote([seq]))[0])
+    assert (got - expect).abs().max() <= 1e-3
+    # give the session engine its original weights back
+    original = AutoModelForCausalLM.from_pretrained(tiny_model_path)
+    from actors.weight_sync import ObjectStoreTransport, export_state
+
+    ray.get(rollout_worker.update_weights.remote(ObjectStoreTransport.publish(export_state(original)),
+                                                 version + 1))
+
+
+def test_reference_model_and_learner_side_old_logp(ray_session, tiny_model_path):
+    """beta > 0 loads a reference; old_logp="learner" recomputes the proximal policy and weights
+    tokens by min(exp(old - behavior), cap). First step: ref == old == current, so ratio 1, KL 0,
+    and the loss is the token mean of -A * w, computed here from the HF model."""
+    from transformers import AutoModelForCausalLM
+
+    batch = make_batch(tiny_model_path, n_rows=4, seed=3)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path).eval()
+    num, den = 0.0, 0
+    for ids, p, a, b in zip(batch["input_ids"], batch["prompt_lens"], batch["advantages"], batch["behavior_logp"]):
+        with torch.no_grad():
+            lp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0, :-1], -1)
+        old = lp.gather(-1, torch.tensor(ids[1:])[:, None])[:, 0][p - 1:]
+        w = torch.exp(old - torch.tensor(b)).clamp(max=2.0)
+        num += float((-a * w).sum())
+        den += len(b)
+    group = learner_group(tiny_model_path, 1, 2, beta=0.1, old_logp="learner", is_cap=2.0)
+    try:
+        m = group.get(group.call("train_step", batch))[0]
+    finally:
+        group.kill()
+    assert m["train/kl"] == pytest.approx(0.0, abs=1e-6)
+    assert m["train/ratio_max"] == pytest.approx(1.0, abs=1e-5)
+    assert m["loss"] == pytest.approx(num / den, abs=1e-5)
