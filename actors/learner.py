@@ -335,6 +335,11 @@ class Learner:
                      for n, p in self.engine.module.named_parameters()]
             return ObjectStoreTransport.publish(named, bucket_bytes)
 
+    def set_lr(self, lr: float) -> None:
+        """Set the learning rate of every parameter group (e.g. SFT vs RL)."""
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = lr
+
     def peak_memory_mb(self) -> float:
         """Peak resident memory of this rank's process (MB)."""
         import resource

@@ -75,7 +75,11 @@ class RolloutWorker:
         kwargs = dict(model=str(model_path), dtype=dtype, seed=seed, max_model_len=max_model_len,
                       enforce_eager=enforce_eager, tensor_parallel_size=tensor_parallel_size,
                       logprobs_mode="processed_logprobs",  # logprobs of the distribution sampled
-                      worker_extension_cls="actors.vllm_ext.WeightSyncExtension")
+                      worker_extension_cls="actors.vllm_ext.WeightSyncExtension",
+                      # per-request seeds (reproducible, order-independent sampling) crash with
+                      # chunked prefill on CPU ("CPU Generator does not use offset"): turn it off
+                      enable_chunked_prefill=False,
+                      max_num_batched_tokens=max(8192, max_model_len))
         if torch.cuda.is_available():
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
         self.defaults = dict(temperature=temperature, top_p=top_p, max_tokens=max_tokens)
@@ -171,7 +175,9 @@ class RolloutWorker:
             self._in_flight.pop(rid).future.set_result(None)  # None: aborted at a sync point
 
     def _submit(self, prompt_ids: list[list[int]], params, prompts: list[str]) -> list[_Request]:
-        reqs = [_Request(i, p, list(ids), params, Future()) for i, (p, ids) in enumerate(zip(prompts, prompt_ids))]
+        params = params if isinstance(params, list) else [params] * len(prompts)
+        reqs = [_Request(i, p, list(ids), sp, Future())
+                for i, (p, ids, sp) in enumerate(zip(prompts, prompt_ids, params))]
         self._commands.put(("add", reqs))
         return reqs
 
@@ -200,20 +206,26 @@ class RolloutWorker:
             return_dict=False) for p in prompts]
 
     def generate(self, prompts: list[str], n: int = 1, *, chat: bool = True,
-                 **sampling) -> list[Rollout]:
+                 seed: int | None = None, **sampling) -> list[Rollout]:
         """Sample `n` completions per prompt; returns len(prompts) * n Rollouts grouped by prompt.
 
         sampling: temperature, top_p, max_tokens (defaults from the constructor) and any other
-        vLLM SamplingParams field. chat=False sends the prompt text as is. Safe to call from
-        several threads at once: the requests join one running batch.
+        vLLM SamplingParams field. seed: prompt i samples with seed + i (the same weights and
+        seed give the same samples, whatever else is in the batch). chat=False sends the prompt
+        text as is. Safe to call from several threads at once: requests join one running batch.
         """
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
-        params = SamplingParams(n=n, logprobs=0, **{**self.defaults, **sampling})
-        params.output_kind = RequestOutputKind.FINAL_ONLY
         ids = self.render_prompts(prompts) if chat else [
             self.tokenizer.encode(p, add_special_tokens=False) for p in prompts]
+        params = []
+        for i in range(len(prompts)):
+            # keep <think>/<answer> in the text: the verifiers read them
+            p = SamplingParams(n=n, logprobs=0, seed=None if seed is None else seed + i,
+                               **{"skip_special_tokens": False, **self.defaults, **sampling})
+            p.output_kind = RequestOutputKind.FINAL_ONLY
+            params.append(p)
         reqs = self._submit(ids, params, prompts)
         return [r for req in reqs for r in self._to_rollouts(req, req.future.result())]
 

@@ -1,6 +1,7 @@
 """The `r1ray` command line.
 
     r1ray init-model --preset tiny --out DIR     build the embedded model + tokenizer
+    r1ray train CONFIG [a.b=value ...] [--resume]  GRPO training on Ray (sync or async)
     r1ray sample CONFIG [a.b=value ...]          start vLLM rollout worker(s) on Ray, print samples
     r1ray show-config CONFIG [a.b=value ...]     print the validated config
 
@@ -63,6 +64,14 @@ def _cmd_sample(args) -> int:
     return 0
 
 
+def _cmd_train(args) -> int:
+    cfg = load_config(args.config, args.overrides)  # fails here, before any actor starts
+    from drivers.train import run_training
+
+    run_training(cfg, resume=args.resume)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argparse tree of `r1ray` (one subcommand per job)."""
     p = argparse.ArgumentParser(prog="r1ray", description=__doc__,
@@ -76,11 +85,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     q.set_defaults(fn=_cmd_init_model)
 
-    for name, fn, help_ in [("sample", _cmd_sample, "sample R1-template answers with vLLM on Ray"),
+    for name, fn, help_ in [("train", _cmd_train, "GRPO training (configs/tiny.yaml: the embedded default)"),
+                            ("sample", _cmd_sample, "sample R1-template answers with vLLM on Ray"),
                             ("show-config", _cmd_show_config, "print the validated config")]:
         q = sub.add_parser(name, help=help_)
         q.add_argument("config", help="YAML recipe, e.g. configs/tiny.yaml")
         q.add_argument("overrides", nargs="*", help="a.b=value overrides")
+        if name == "train":
+            q.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
         q.set_defaults(fn=fn)
     return p
 

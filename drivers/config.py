@@ -69,6 +69,70 @@ class RewardConfig(_Section):
     procs_per_worker: int = Field(1, ge=1, le=256, description="Verifier processes per actor.")
 
 
+class TaskConfig(_Section):
+    """Where prompts come from: a generated arithmetic task, or a jsonl file."""
+
+    kind: Literal["arithmetic", "jsonl"] = "arithmetic"
+    path: str | None = Field(None, description="jsonl with prompt/answer rows (kind=jsonl).")
+    eval_path: str | None = Field(None, description="Held-out jsonl (kind=jsonl); else split.")
+    a_max: int = Field(99, ge=1, le=100_000, description="Arithmetic: first operand 0..a_max.")
+    b_max: int = Field(9, ge=1, le=100_000, description="Arithmetic: second operand 0..b_max.")
+    ops: list[Literal["+", "-", "*"]] = Field(default_factory=lambda: ["+"], min_length=1)
+    heldout: int = Field(32, ge=1, description="Held-out prompts for evaluation.")
+
+    @model_validator(mode="after")
+    def _path_given(self) -> "TaskConfig":
+        if self.kind == "jsonl" and not self.path:
+            raise ValueError("task.path is required when task.kind is 'jsonl'")
+        return self
+
+
+class LearnerConfig(_Section):
+    """DeepSpeed learner ranks."""
+
+    num_ranks: int = Field(1, ge=1, le=4096)
+    zero_stage: int = Field(2, ge=0, le=3)
+    lr: float = Field(1e-6, gt=0.0, le=1.0)
+    sft_lr: float | None = Field(None, gt=0.0, le=1.0, description="Cold-start SFT lr (None: lr).")
+    weight_decay: float = Field(0.0, ge=0.0, le=1.0)
+    adam_eps: float = Field(1e-8, gt=0.0, le=1.0)
+    grad_clip: float = Field(1.0, gt=0.0)
+    micro_batch_tokens: int = Field(16384, ge=16, description="Padded tokens per micro-batch.")
+    cpu_threads: int = Field(0, ge=0, le=1024, description="CPU only: torch threads per rank (0: cores / ranks).")
+
+
+class AlgoConfig(_Section):
+    """GRPO and its variants (ALGORITHMS.md §1); defaults are the seed's GRPO."""
+
+    adv_scale: Literal["std", "none"] = Field("std", description="'none' is Dr. GRPO.")
+    eps_low: float = Field(0.2, gt=0.0, lt=1.0)
+    eps_high: float = Field(0.2, gt=0.0, le=10.0, description="DAPO clip-higher: 0.28.")
+    beta: float = Field(0.0, ge=0.0, le=10.0, description="k3 KL weight; 0 loads no reference.")
+    agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = Field(
+        "token-mean", description="Loss aggregation (token-mean: DAPO; seq-mean-token-mean: GRPO).")
+    ratio_level: Literal["token", "sequence"] = Field("token", description="'sequence' is GSPO.")
+    old_logp: Literal["rollout", "learner"] = Field(
+        "learner", description="Proximal policy for the ratio: recomputed by the learner (the "
+        "rollout engine's logprobs then weight tokens, truncated at is_cap), or the engine's own.")
+    is_cap: float = Field(2.0, gt=0.0, description="Truncation of importance weights.")
+    mini_batches: int = Field(1, ge=1, le=64, description="Optimizer steps per rollout batch.")
+    dynamic_sampling: bool = Field(False, description="DAPO: drop zero-variance groups and refill.")
+
+
+class TrainConfig(_Section):
+    """The driver loop."""
+
+    mode: Literal["sync", "async"] = "sync"
+    steps: int = Field(20, ge=0, le=10_000_000)
+    prompts_per_step: int = Field(16, ge=1)
+    max_staleness: int = Field(1, ge=0, le=1000, description="Async: admit samples at most this many versions old.")
+    sft_steps: int = Field(0, ge=0, description="Cold-start SFT steps on worked examples before RL.")
+    sft_batch_size: int = Field(32, ge=1)
+    eval_every: int = Field(0, ge=0, description="Greedy held-out accuracy every k steps (0: start and end only).")
+    checkpoint_every: int = Field(10, ge=1)
+    max_refill_rounds: int = Field(4, ge=0, description="Dynamic sampling: extra generation rounds per step.")
+
+
 class RunConfig(_Section):
     """Where outputs go and how the run is tracked."""
 
@@ -93,6 +157,10 @@ class Config(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     reward: RewardConfig = Field(default_factory=RewardConfig)
+    task: TaskConfig = Field(default_factory=TaskConfig)
+    learner: LearnerConfig = Field(default_factory=LearnerConfig)
+    algo: AlgoConfig = Field(default_factory=AlgoConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
     demo: DemoConfig = Field(default_factory=DemoConfig)
 
     @model_validator(mode="after")

@@ -60,19 +60,27 @@ PRESETS: dict[str, dict] = {
 _VLLM_CPU_HEAD_DIMS = {32, 64, 80, 96, 112, 128, 160, 192, 224, 256}
 
 
-def build_tokenizer():
-    """A byte-level BPE tokenizer (256 byte symbols, no merges) plus the R1 special tokens."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+def build_tokenizer(merge_budget: int = 160):
+    """A byte-level BPE tokenizer (GPT-2 style: every byte has a token, nothing is unknown)
+    plus the R1 special tokens.
+
+    Its merges are learned from the R1 template text only (no digits), so the ~370-byte system
+    prompt costs ~90 tokens while every digit stays a token of its own.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {ch: i for i, ch in enumerate(alphabet)}
-    for tok in SPECIAL_TOKENS:
-        vocab[tok] = len(vocab)
-    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     core.decoder = decoders.ByteLevel()
-    core.add_special_tokens(SPECIAL_TOKENS)
+    plain = R1_SYSTEM
+    for tag in (THINK_OPEN, THINK_CLOSE, ANSWER_OPEN, ANSWER_CLOSE):
+        plain = plain.replace(tag, " ")
+    corpus = [plain + " User: What is the answer? Assistant:"] * 4
+    trainer = trainers.BpeTrainer(vocab_size=256 + len(SPECIAL_TOKENS) + merge_budget,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=SPECIAL_TOKENS, show_progress=False)
+    core.train_from_iterator(corpus, trainer)
     tok = PreTrainedTokenizerFast(tokenizer_object=core, eos_token=EOS, pad_token=PAD,
                                   additional_special_tokens=SPECIAL_TOKENS[2:])
     tok.chat_template = R1_CHAT_TEMPLATE

@@ -1,0 +1,388 @@
+"""The GRPO driver: rollout workers -> reward workers -> learner ranks -> weight sync, on Ray.
+
+    r1ray train configs/tiny.yaml [a.b=value ...] [--resume]
+    ray job submit -- r1ray train configs/tiny.yaml        # unchanged on a cluster
+
+Sync mode: generate -> score -> update -> sync, in lock-step. Async mode: the rollout workers
+generate the next batch(es) with the weights they hold while the learner trains; each sample
+carries its policy version and is admitted only while learner_version - sample_version <=
+max_staleness; the loss corrects the lag with truncated importance weights (algo.old_logp =
+"learner": the learner's proximal logprobs against the rollout's behaviour logprobs).
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from pathlib import Path
+
+import torch
+
+from actors.grpo import group_advantages, zero_variance_groups
+from drivers.config import Config
+from drivers.tasks import (arithmetic_examples, load_jsonl, split_heldout, step_prompts,
+                           worked_example)
+
+
+# ----------------------------------------------------------------------------- data
+def load_task(cfg: Config) -> tuple[list[dict], list[dict], list]:
+    """(train examples, held-out examples, skipped rows) of the configured task."""
+    t = cfg.task
+    if t.kind == "arithmetic":
+        train, held = split_heldout(arithmetic_examples(t.a_max, t.b_max, t.ops), t.heldout, cfg.seed)
+        return train, held, []
+    data = load_jsonl(t.path)
+    skipped = list(data.skipped)
+    if t.eval_path:
+        held_data = load_jsonl(t.eval_path)
+        skipped += held_data.skipped
+        return data.examples, held_data.examples[:t.heldout], skipped
+    train, held = split_heldout(data.examples, t.heldout, cfg.seed)
+    return train, held, skipped
+
+
+# ----------------------------------------------------------------------------- the run
+class Run:
+    """Owns the actor groups and the state of one training run."""
+
+    def __init__(self, cfg: Config, resume: bool = False):
+        import ray
+        from transformers import AutoTokenizer
+
+        from actors.learner import Learner
+        from actors.rewards import RewardWorker
+        from drivers.models import ensure_model
+        from drivers.placement import plan_placement
+        from drivers.ray_utils import ActorGroup, init_ray, rollout_worker_actor
+        from drivers.tracking import RunLogger
+
+        self.cfg = cfg
+        self.run_dir = Path(cfg.run.output_dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.state = {"step": 0, "version": 0, "sft_done": False, "samples": 0, "stale_dropped": 0}
+        if resume:
+            self.state = self._read_state()
+        elif (self.ckpt_dir / "state.json").exists():
+            raise FileExistsError(f"{self.run_dir} holds a run already: pass --resume, or set run.output_dir")
+        random.seed(cfg.seed)
+        torch.manual_seed(cfg.seed)
+        self.train_set, self.heldout, skipped = load_task(cfg)
+        for lineno, why in skipped[:20]:
+            print(f"skipped data row {lineno}: {why}")
+        if skipped:
+            print(f"skipped {len(skipped)} bad data rows in all")
+        self.model_path = str(ensure_model(cfg.model, self.run_dir))
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+
+        init_ray()
+        cuda = torch.cuda.is_available()
+        plan = plan_placement(rollout_workers=cfg.rollout.num_workers,
+                              tensor_parallel=cfg.rollout.tensor_parallel_size,
+                              learner_ranks=cfg.learner.num_ranks, reward_workers=cfg.reward.num_workers,
+                              gpus_per_node=torch.cuda.device_count() if cuda else 0,
+                              cores=os.cpu_count() or 1)
+        self.rollouts = [rollout_worker_actor(self.model_path, cfg) for _ in range(cfg.rollout.num_workers)]
+        self.rewards = ActorGroup(RewardWorker, cfg.reward.num_workers, num_cpus=plan["reward"].num_cpus,
+                                  name="reward", kwargs_fn=lambda r, a, p: dict(
+                                      timeout_s=cfg.reward.timeout_s, num_procs=cfg.reward.procs_per_worker,
+                                      weights=cfg.reward.weights, layout=cfg.reward.layout,
+                                      target_language=cfg.reward.target_language,
+                                      max_len=cfg.rollout.max_tokens if cfg.reward.overlong_cache_len else None,
+                                      cache_len=cfg.reward.overlong_cache_len or None))
+        lp = plan["learner"]
+        threads = cfg.learner.cpu_threads or lp.threads
+        self.learner = ActorGroup(Learner, cfg.learner.num_ranks, num_cpus=lp.num_cpus, num_gpus=lp.num_gpus,
+                                  name="learner", env={"OMP_NUM_THREADS": str(threads)},
+                                  kwargs_fn=lambda r, addr, port: dict(
+                                      model_path=self.model_path, rank=r, world_size=cfg.learner.num_ranks,
+                                      master_addr=addr, master_port=port, cpu_threads=threads,
+                                      seed=cfg.seed, dtype=cfg.model.dtype, temperature=cfg.rollout.temperature,
+                                      max_len=cfg.rollout.max_tokens,
+                                      **cfg.learner.model_dump(exclude={"num_ranks", "cpu_threads", "sft_lr"}),
+                                      **cfg.algo.model_dump(exclude={"adv_scale", "dynamic_sampling"})))
+        self.ray = ray
+        if resume:
+            tag = self.state["tag"]
+            self.learner.get(self.learner.call("load_checkpoint", str(self.ckpt_dir), tag))
+            self.sync_weights(self.state["version"])
+        self.logger = RunLogger(self.run_dir, mode=cfg.run.wandb_mode, project=cfg.run.wandb_project,
+                                name=cfg.run.name, config=cfg.model_dump())
+
+    # ---------------------------------------------------------------- state
+    def _read_state(self) -> dict:
+        path = self.ckpt_dir / "state.json"
+        if not path.exists():
+            raise FileNotFoundError(f"--resume: no checkpoint state at {path}")
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"--resume: checkpoint state {path} is corrupt ({err})") from None
+
+    def checkpoint(self) -> None:
+        """Learner state + HF export + driver state (step, version, counters); atomic pointer."""
+        tag = f"step{self.state['step']}"
+        self.learner.get(self.learner.call("save_checkpoint", str(self.ckpt_dir), tag, {"driver": self.state}))
+        self.state["tag"] = tag
+        tmp = self.ckpt_dir / "state.json.tmp"
+        tmp.write_text(json.dumps(self.state, indent=1))
+        tmp.replace(self.ckpt_dir / "state.json")
+        self.logger.plot()
+
+    # ---------------------------------------------------------------- weights
+    def sync_weights(self, version: int) -> float:
+        """Learner -> every rollout worker, bucketed through the object store; returns seconds."""
+        t0 = time.perf_counter()
+        handles = self.learner.get(self.learner.call("export_weights"))[0]
+        self.ray.get([w.update_weights.remote(handles, version) for w in self.rollouts])
+        self.state["version"] = version
+        return time.perf_counter() - t0
+
+    # ---------------------------------------------------------------- rollouts and rewards
+    def launch_generation(self, examples: list[dict], seed: int, **sampling) -> list:
+        """Split prompts over the rollout workers; returns (refs, shards) to collect later."""
+        n = sampling.pop("n", self.cfg.rollout.group_size)
+        k = len(self.rollouts)
+        shards = [examples[i::k] for i in range(k)]
+        refs = [w.generate.remote([e["prompt"] for e in shard], n=n, seed=seed + 100_003 * i, **sampling)
+                if shard else None for i, (w, shard) in enumerate(zip(self.rollouts, shards))]
+        return refs, shards
+
+    def collect(self, launched) -> list[tuple[dict, list]]:
+        """[(example, its group of rollouts)] in launch order."""
+        refs, shards = launched
+        groups = []
+        for ref, shard in zip(refs, shards):
+            if ref is None:
+                continue
+            rollouts = self.ray.get(ref)
+            per = len(rollouts) // max(len(shard), 1)
+            groups += [(ex, rollouts[j * per:(j + 1) * per]) for j, ex in enumerate(shard)]
+        return groups
+
+    def score(self, groups: list[tuple[dict, list]]) -> list:
+        """RewardResults for every rollout, sharded over the reward workers."""
+        flat = [(r.text, ex["answer"], len(r.completion_ids)) for ex, rs in groups for r in rs]
+        k = len(self.rewards.actors)
+        shards = [flat[i::k] for i in range(k)]
+        outs = self.rewards.get(self.rewards.call_each(
+            "score", [([c for c, _, _ in s], [a for _, a, _ in s], [n for _, _, n in s]) for s in shards]))
+        results = [None] * len(flat)
+        for i, out in enumerate(outs):
+            results[i::k] = out
+        return results
+
+    # ---------------------------------------------------------------- evaluation
+    def evaluate(self, examples: list[dict] | None = None) -> dict:
+        """Greedy accuracy, format rate and mean length on the held-out prompts."""
+        examples = examples or self.heldout
+        groups = self.collect(self.launch_generation(examples, seed=0, n=1, temperature=0.0))
+        results = self.score(groups)
+        ok = [r for r in results if r.status == "ok"]
+        lengths = [len(r.completion_ids) for _, rs in groups for r in rs]
+        return {"eval/accuracy": sum(r.components.get("accuracy", 0.0) for r in ok) / max(len(ok), 1),
+                "eval/format": sum(r.components.get("format", 0.0) for r in ok) / max(len(ok), 1),
+                "eval/length": sum(lengths) / max(len(lengths), 1), "eval/n": len(examples),
+                "eval/failed": len(results) - len(ok)}
+
+    # ---------------------------------------------------------------- cold start
+    def cold_start(self) -> dict:
+        """Brief SFT on worked examples of the training prompts (R1 format)."""
+        cfg = self.cfg
+        if cfg.learner.sft_lr:
+            self.learner.get(self.learner.call("set_lr", cfg.learner.sft_lr))
+        from tqdm import tqdm
+
+        last = {}
+        for s in tqdm(range(cfg.train.sft_steps), desc="cold-start SFT", unit="step"):
+            examples = step_prompts(self.train_set, s, cfg.train.sft_batch_size, cfg.seed + 7)
+            rows, plens = [], []
+            for ex in examples:
+                prompt = self.tokenizer.apply_chat_template([{"role": "user", "content": ex["prompt"]}],
+                                                            add_generation_prompt=True, tokenize=True,
+                                                            return_dict=False)
+                completion = self.tokenizer.encode(" " + worked_example(ex), add_special_tokens=False)
+                rows.append(list(prompt) + completion + [self.tokenizer.eos_token_id])
+                plens.append(len(prompt))
+            last = self.learner.get(self.learner.call_each(
+                "sft_step", [({"input_ids": rows[i::len(self.learner.actors)],
+                               "prompt_lens": plens[i::len(self.learner.actors)]},)
+                             for i in range(len(self.learner.actors))]))[0]
+        if cfg.learner.sft_lr:
+            self.learner.get(self.learner.call("set_lr", cfg.learner.lr))
+        self.sync_weights(self.state["version"] + 1)
+        self.state["sft_done"] = True
+        return last
+
+    # ---------------------------------------------------------------- one RL step
+    def build_batch(self, groups, results) -> tuple[dict, dict]:
+        """Advantages per group; drops groups with a failed verifier item or (dynamic sampling)
+        zero variance. Returns (learner batch, metrics)."""
+        G = self.cfg.rollout.group_size
+        version = self.state["version"]
+        keep_rows, rewards_all, metrics = [], [], {}
+        failed_groups = stale_groups = 0
+        for gi, (ex, rs) in enumerate(groups):
+            res = results[gi * G:(gi + 1) * G]
+            if any(r.status != "ok" for r in res):
+                failed_groups += 1
+                continue
+            if any(version - r.policy_version > self.cfg.train.max_staleness for r in rs):
+                stale_groups += 1
+                continue
+            keep_rows.append((rs, [r.reward for r in res]))
+        rewards = torch.tensor([x for _, rw in keep_rows for x in rw])
+        adv = group_advantages(rewards, G, scale=self.cfg.algo.adv_scale) if len(rewards) else rewards
+        zero_var = zero_variance_groups(rewards, G) if len(rewards) else 0
+        batch = {"input_ids": [], "prompt_lens": [], "advantages": [], "behavior_logp": []}
+        for gi, (rs, _) in enumerate(keep_rows):
+            group_adv = adv[gi * G:(gi + 1) * G]
+            if self.cfg.algo.dynamic_sampling and bool((group_adv == 0).all()):
+                continue
+            for r, a in zip(rs, group_adv.tolist()):
+                if r.finish_reason == "abort" or not r.completion_ids:
+                    continue
+                batch["input_ids"].append(r.prompt_ids + r.completion_ids)
+                batch["prompt_lens"].append(len(r.prompt_ids))
+                batch["advantages"].append(a)
+                batch["behavior_logp"].append(r.logprobs)
+        staleness = [version - r.policy_version for rs, _ in keep_rows for r in rs]
+        metrics.update({"train/failed_groups": failed_groups, "train/stale_groups": stale_groups,
+                        "train/zero_variance_groups": zero_var, "train/rows": len(batch["input_ids"]),
+                        "async/staleness_mean": sum(staleness) / max(len(staleness), 1),
+                        "async/staleness_max": max(staleness, default=0)})
+        self.state["stale_dropped"] += stale_groups
+        return batch, metrics
+
+    def train_on(self, batch: dict) -> dict:
+        """Shard rows over learner ranks by tokens (round-robin over length order) and update."""
+        n = len(self.learner.actors)
+        order = sorted(range(len(batch["input_ids"])), key=lambda i: -len(batch["input_ids"][i]))
+        shards = [order[r::n] for r in range(n)]
+        per_rank = [({k: [v[i] for i in idx] for k, v in batch.items()},) for idx in shards]
+        return self.learner.get(self.learner.call_each("train_step", per_rank))[0]
+
+    def step_seed(self, step: int, rnd: int = 0) -> int:
+        return (self.cfg.seed * 1_000_003 + step * 7919 + rnd * 104_729) % (2**31 - 1)
+
+    def generate_step(self, step: int):
+        """Launch the generation of RL step `step` (its prompts and seeds depend on step only)."""
+        examples = step_prompts(self.train_set, step, self.cfg.train.prompts_per_step, self.cfg.seed)
+        return self.launch_generation(examples, seed=self.step_seed(step))
+
+    def gather_step(self, step: int, launched) -> tuple[list, list, dict]:
+        """Collect, score, and (dynamic sampling) refill until enough groups have variance."""
+        cfg = self.cfg
+        groups = self.collect(launched)
+        results = self.score(groups)
+        rounds = 0
+        if cfg.algo.dynamic_sampling:
+            G = cfg.rollout.group_size
+
+            def varied(gs, rs):
+                return sum(1 for gi in range(len(gs))
+                           if len({r.reward for r in rs[gi * G:(gi + 1) * G]}) > 1)
+            while varied(groups, results) < cfg.train.prompts_per_step and rounds < cfg.train.max_refill_rounds:
+                rounds += 1
+                extra = step_prompts(self.train_set, step * (cfg.train.max_refill_rounds + 1) + rounds,
+                                     cfg.train.prompts_per_step, cfg.seed + 1)
+                more = self.collect(self.launch_generation(extra, seed=self.step_seed(step, rounds)))
+                groups += more
+                results += self.score(more)
+        return groups, results, {"train/refill_rounds": rounds}
+
+    # ---------------------------------------------------------------- the loop
+    def train(self) -> dict:
+        """Cold start (optional), then GRPO steps; evaluates at the start and the end."""
+        from tqdm import tqdm
+
+        cfg = self.cfg
+        summary = {}
+        if cfg.train.sft_steps and not self.state["sft_done"]:
+            summary["base"] = self.evaluate()
+            summary["sft"] = self.cold_start()
+        start = self.state["step"]
+        if start == 0:
+            summary["start"] = self.evaluate()
+            self.logger.log(summary["start"], step=0)
+        ahead = cfg.train.max_staleness if cfg.train.mode == "async" else 0
+        pending = {s: self.generate_step(s) for s in range(start, min(start + 1 + ahead, cfg.train.steps))}
+        bar = tqdm(range(start, cfg.train.steps), desc=f"GRPO ({cfg.train.mode})", unit="step",
+                   initial=start, total=cfg.train.steps)
+        for step in bar:
+            t0 = time.perf_counter()
+            groups, results, extra = self.gather_step(step, pending.pop(step))
+            gen_s = time.perf_counter() - t0
+            nxt = step + 1 + ahead
+            if ahead and nxt < cfg.train.steps:  # async: next batch generates while we train
+                pending[nxt] = self.generate_step(nxt)
+            batch, metrics = self.build_batch(groups, results)
+            metrics.update(extra)
+            if batch["input_ids"]:
+                metrics.update(self.train_on(batch))
+                metrics["sync/seconds"] = self.sync_weights(self.state["version"] + 1)
+            if not ahead and step + 1 < cfg.train.steps:
+                pending[step + 1] = self.generate_step(step + 1)
+            self.state["step"] = step + 1
+            metrics.update(self._rollout_metrics(groups, results, time.perf_counter() - t0, gen_s))
+            if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and step + 1 < cfg.train.steps:
+                metrics.update(self.evaluate())
+            self.logger.log(metrics, step=step + 1)
+            bar.set_postfix(reward=f"{metrics.get('reward/mean', float('nan')):.3f}",
+                            acc=f"{metrics.get('reward/accuracy', float('nan')):.2f}")
+            if (step + 1) % cfg.train.checkpoint_every == 0 or step + 1 == cfg.train.steps:
+                self.checkpoint()
+        bar.close()
+        summary["end"] = self.evaluate()
+        self.logger.log(summary["end"], step=self.state["step"])
+        summary["curves"] = str(self.logger.plot())
+        summary["samples"] = self.state["samples"]
+        summary["stale_dropped"] = self.state["stale_dropped"]
+        return summary
+
+    def _rollout_metrics(self, groups, results, step_s: float, gen_s: float) -> dict:
+        from actors.rewards import summarize
+
+        rs = [r for _, g in groups for r in g]
+        lengths = [len(r.completion_ids) for r in rs]
+        self.state["samples"] += len(rs)
+        return {**summarize(results), "rollout/length_mean": sum(lengths) / max(len(lengths), 1),
+                "rollout/length_max": max(lengths, default=0), "rollout/samples": len(rs),
+                "rollout/truncated_frac": sum(r.finish_reason == "length" for r in rs) / max(len(rs), 1),
+                "perf/step_seconds": step_s, "perf/generate_seconds": gen_s,
+                "perf/samples_per_s": len(rs) / step_s, "perf/tokens_per_s": sum(lengths) / step_s,
+                "train/policy_version": self.state["version"], "train/samples_total": self.state["samples"]}
+
+    def close(self) -> None:
+        """Finish wandb, stop this run's actors and Ray session (nothing else)."""
+        self.logger.finish()
+        for w in self.rollouts:
+            self.ray.kill(w)
+        self.rewards.kill()
+        self.learner.kill()
+
+
+def format_table(summary: dict) -> str:
+    """The before/after table printed at the end of a run."""
+    cols = [k for k in ("base", "start", "end") if k in summary]
+    names = {"base": "base model", "start": "start of RL", "end": "end of RL"}
+    lines = [f"{'held-out (greedy)':<22}" + "".join(f"{names[c]:>14}" for c in cols)]
+    for key, label in [("eval/accuracy", "accuracy"), ("eval/format", "format"), ("eval/length", "length")]:
+        lines.append(f"{label:<22}" + "".join(f"{summary[c][key]:>14.3f}" for c in cols))
+    return "\n".join(lines)
+
+
+def run_training(cfg: Config, resume: bool = False) -> dict:
+    """Build the run, train, print the table, clean up; returns the summary."""
+    import ray
+
+    run = Run(cfg, resume=resume)
+    try:
+        summary = run.train()
+    finally:
+        run.close()
+        ray.shutdown()
+    print(format_table(summary))
+    print(json.dumps({k: v for k, v in summary.items() if k in ("start", "end", "curves", "samples",
+                                                                "stale_dropped")}, default=str))
+    return summary

@@ -1,0 +1,72 @@
+"""Pure driver pieces: task data, bad-row handling, data order, placement arithmetic."""
+import pytest
+
+from drivers.placement import plan_placement
+from drivers.tasks import arithmetic_examples, load_jsonl, split_heldout, step_prompts, worked_example
+
+
+def test_arithmetic_examples_and_heldout_split():
+    ex = arithmetic_examples(12, 3, ["+", "-"])
+    assert len([e for e in ex if "+" in e["prompt"]]) == 13 * 4
+    assert {"prompt": "What is 12 - 3?", "answer": "9", "worked": "12 - 3 = 9"} in ex
+    assert all(int(e["answer"]) >= 0 for e in ex)            # no negative results
+    train, held = split_heldout(ex, 10, seed=0)
+    assert len(held) == 10 and len(train) == len(ex) - 10
+    assert not {e["prompt"] for e in held} & {e["prompt"] for e in train}
+    assert split_heldout(ex, 10, seed=0) == (train, held)    # seeded
+    with pytest.raises(ValueError):
+        split_heldout(ex, len(ex), seed=0)
+    assert worked_example(ex[0]) == "<think> 0 + 0 = 0 </think> <answer> 0 </answer>"
+
+
+def test_step_prompts_is_a_pure_function_of_seed_and_step():
+    ex = [{"prompt": str(i), "answer": str(i)} for i in range(10)]
+    first_epoch = [step_prompts(ex, s, 5, seed=3) for s in range(2)]
+    # each epoch is a permutation: steps 0 and 1 together cover every example once
+    assert sorted(int(e["prompt"]) for b in first_epoch for e in b) == list(range(10))
+    assert step_prompts(ex, 1, 5, seed=3) == first_epoch[1]  # no hidden state: resume-safe
+    assert step_prompts(ex, 1, 5, seed=4) != first_epoch[1]
+    assert len(step_prompts(ex, 7, 4, seed=3)) == 4           # crosses epoch boundaries
+
+
+def test_bad_rows_are_counted_with_line_numbers(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(b"\n".join([
+        b'{"prompt": "What is 1 + 1?", "answer": "2"}',
+        b'{"prompt": "no answer"}',
+        b'not json',
+        b'{"prompt": "", "answer": "3"}',
+        b'\xff\xfe bad bytes',
+        b'',
+        b'{"question": "GSM8K style?", "answer": "#### 4"}',
+        b'[1, 2]',
+        b'{"prompt": "' + b"x" * 9000 + b'", "answer": "1"}',
+    ]))
+    data = load_jsonl(path)
+    assert [e["prompt"] for e in data.examples] == ["What is 1 + 1?", "GSM8K style?"]
+    assert [line for line, _ in data.skipped] == [2, 3, 4, 5, 8, 9]
+    reasons = dict(data.skipped)
+    assert "answer" in reasons[2] and "JSON" in reasons[3] and "prompt" in reasons[4]
+    assert "UTF-8" in reasons[5] and "object" in reasons[8] and "too long" in reasons[9]
+
+
+def test_placement_arithmetic():
+    cpu = plan_placement(rollout_workers=2, tensor_parallel=1, learner_ranks=2, reward_workers=3,
+                         gpus_per_node=0, cores=2)
+    assert cpu["rollout"].count == 2 and cpu["rollout"].num_gpus == 0 and cpu["rollout"].threads == 2
+    assert cpu["learner"].threads == 1 and cpu["reward"].num_cpus == 0.5 and cpu["total_gpus"] == 0
+    # 2 engines x TP 2 + 4 ranks on separate GPUs = 8 GPUs = one 8-GPU node
+    sep = plan_placement(rollout_workers=2, tensor_parallel=2, learner_ranks=4, reward_workers=1,
+                         gpus_per_node=8, cores=32)
+    assert sep["total_gpus"] == 8 and sep["gpu_nodes"] == 1
+    assert sep["rollout"].num_gpus == 2 and sep["learner"].num_gpus == 1
+    # colocated: the same 4 GPUs hold engines and ranks, half a GPU per actor per device
+    col = plan_placement(rollout_workers=2, tensor_parallel=2, learner_ranks=4, reward_workers=1,
+                         gpus_per_node=8, cores=32, colocate=True)
+    assert col["total_gpus"] == 4 and col["rollout"].num_gpus == 1.0 and col["learner"].num_gpus == 0.5
+    big = plan_placement(rollout_workers=6, tensor_parallel=4, learner_ranks=16, reward_workers=1,
+                         gpus_per_node=8, cores=32)
+    assert big["total_gpus"] == 40 and big["gpu_nodes"] == 5
+    with pytest.raises(ValueError):
+        plan_placement(rollout_workers=1, tensor_parallel=16, learner_ranks=1, reward_workers=1,
+                       gpus_per_node=8, cores=8)
