@@ -47,7 +47,7 @@ def _engine_env(kv_cache_gib: int) -> None:
     # as live tensors. The learner always lives in another process (its own actor).
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
 
 
 @dataclass

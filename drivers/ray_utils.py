@@ -5,7 +5,7 @@ import os
 import time
 
 # Worker processes inherit these (vLLM reads them at import time).
-WORKER_ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "VLLM_LOGGING_LEVEL": "WARNING",
+WORKER_ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "VLLM_LOGGING_LEVEL": "ERROR",
               "WANDB_SILENT": "true", "RAY_DEDUP_LOGS": "1"}
 
 

@@ -305,21 +305,22 @@ class Run:
         if start == 0:
             summary["start"] = self.evaluate()
             self.logger.log(summary["start"], step=0)
+        # async: generation runs `ahead` steps in front of the learner, so a sample made with
+        # version v is trained on at version v + ahead at most (max_staleness)
         ahead = cfg.train.max_staleness if cfg.train.mode == "async" else 0
-        pending = {s: self.generate_step(s) for s in range(start, min(start + 1 + ahead, cfg.train.steps))}
+        pending = {s: self.generate_step(s) for s in range(start, min(start + max(ahead, 1), cfg.train.steps))}
         bar = tqdm(range(start, cfg.train.steps), desc=f"GRPO ({cfg.train.mode})", unit="step",
                    initial=start, total=cfg.train.steps)
         for step in bar:
             t0 = time.perf_counter()
             groups, results, extra = self.gather_step(step, pending.pop(step))
             gen_s = time.perf_counter() - t0
-            nxt = step + 1 + ahead
-            if ahead and nxt < cfg.train.steps:  # async: next batch generates while we train
-                pending[nxt] = self.generate_step(nxt)
+            if ahead and step + ahead < cfg.train.steps:  # generates while the learner trains
+                pending[step + ahead] = self.generate_step(step + ahead)
             batch, metrics = self.build_batch(groups, results)
             metrics.update(extra)
             if batch["input_ids"]:
-                metrics.update(self.train_on(batch))
+                metrics.update({k if "/" in k else f"train/{k}": v for k, v in self.train_on(batch).items()})
                 metrics["sync/seconds"] = self.sync_weights(self.state["version"] + 1)
             if not ahead and step + 1 < cfg.train.steps:
                 pending[step + 1] = self.generate_step(step + 1)
