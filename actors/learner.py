@@ -63,7 +63,7 @@ class Learner:
                  beta: float = 0.0, eps_low: float = 0.2, eps_high: float = 0.2,
                  agg: str = "token-mean", ratio_level: str = "token", max_len: int | None = None,
                  is_cap: float | None = 2.0, old_logp: str = "rollout", temperature: float = 1.0,
-                 mini_batches: int = 1, **_ignored):
+                 mini_batches: int = 1, warmup_steps: int = 0, **_ignored):
         os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank),
                           WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                           LOCAL_WORLD_SIZE=str(world_size))
@@ -108,6 +108,7 @@ class Learner:
             self.ref = ref.to(self.device)
         self.steps = 0
         self.skipped_steps = 0
+        self.base_lr, self.warmup_steps, self.phase_steps = lr, warmup_steps, 0
 
     # ------------------------------------------------------------------ helpers
     def _all_reduce(self, values: list[float], op: str = "sum") -> list[float]:
@@ -226,6 +227,7 @@ class Learner:
         has no such guard, so the gradients are checked here. Returns (stepped, grad_norm).
         """
         all_finite = self._all_reduce([0.0 if losses_finite else 1.0], "max")[0] == 0.0
+        self._warm_lr()
         if self.zero_stage == 0:
             sq = sum(float(p.grad.double().pow(2).sum()) for p in self.engine.module.parameters()
                      if p.grad is not None)
@@ -336,9 +338,14 @@ class Learner:
             return ObjectStoreTransport.publish(named, bucket_bytes)
 
     def set_lr(self, lr: float) -> None:
-        """Set the learning rate of every parameter group (e.g. SFT vs RL)."""
+        """Set the learning rate (e.g. SFT vs RL); the linear warmup starts again from it."""
+        self.base_lr, self.phase_steps = lr, 0
+
+    def _warm_lr(self) -> None:
+        scale = min(1.0, (self.phase_steps + 1) / self.warmup_steps) if self.warmup_steps else 1.0
         for group in self.engine.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = self.base_lr * scale
+        self.phase_steps += 1
 
     def peak_memory_mb(self) -> float:
         """Peak resident memory of this rank's process (MB)."""
@@ -360,7 +367,8 @@ class Learner:
         """DeepSpeed state (optimizer, partitions) + an HF export under directory/hf (collective)."""
         directory = Path(directory)
         self.engine.save_checkpoint(str(directory), tag=tag,
-                                    client_state={"steps": self.steps, **(client_state or {})})
+                                    client_state={"steps": self.steps, "phase_steps": self.phase_steps,
+                                                  "base_lr": self.base_lr, **(client_state or {})})
         with self._gathered():
             if self.rank == 0:
                 from transformers import AutoTokenizer
@@ -381,4 +389,6 @@ class Learner:
         if path is None:
             raise RuntimeError(f"checkpoint {directory}/{tag} could not be loaded")
         self.steps = int(client.get("steps", 0))
+        self.phase_steps = int(client.get("phase_steps", 0))
+        self.base_lr = float(client.get("base_lr", self.base_lr))
         return client

@@ -97,6 +97,7 @@ class LearnerConfig(_Section):
     weight_decay: float = Field(0.0, ge=0.0, le=1.0)
     adam_eps: float = Field(1e-8, gt=0.0, le=1.0)
     grad_clip: float = Field(1.0, gt=0.0)
+    warmup_steps: int = Field(0, ge=0, description="Linear lr warmup (restarts for SFT and for RL).")
     micro_batch_tokens: int = Field(16384, ge=16, description="Padded tokens per micro-batch.")
     cpu_threads: int = Field(0, ge=0, le=1024, description="CPU only: torch threads per rank (0: cores / ranks).")
 

@@ -43,8 +43,9 @@ R1_CHAT_TEMPLATE = (
 # ignores config.head_dim, so hidden_size / num_attention_heads must be one of those.
 PRESETS: dict[str, dict] = {
     # ~3.3M parameters: fast enough to sample and train on 2 CPU cores.
+    # 8 heads of 32 dims: with 4 heads of 64 it took ~3x more SFT steps to learn to copy digits.
     "tiny": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4,
-                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                 num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=2048,
                  tie_word_embeddings=True, rope_theta=10000.0, rms_norm_eps=1e-6),
     # ~25M parameters (100 MB fp32): big enough for weight-sync benchmarks on CPU.
     "small": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8,

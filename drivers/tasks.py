@@ -32,9 +32,22 @@ def arithmetic_examples(a_max: int, b_max: int, ops: list[str]) -> list[dict]:
             for b in range(b_max + 1):
                 value = {"+": a + b, "-": a - b, "*": a * b}[op]
                 if value >= 0:
+                    worked = column_addition(a, b) if op == "+" else f"{a} {op} {b} = {value}"
                     out.append({"prompt": f"What is {a} {op} {b}?", "answer": str(value),
-                                "worked": f"{a} {op} {b} = {value}"})
+                                "worked": worked})
     return out
+
+
+def column_addition(a: int, b: int) -> str:
+    """Written addition, units first: 37 + 5 -> "7 + 5 = 12 , 3 + 1 = 4" (the carry is added)."""
+    da, db = str(a)[::-1], str(b)[::-1]
+    steps, carry = [], 0
+    for i in range(max(len(da), len(db))):
+        terms = [d[i] for d in (da, db) if i < len(d)] + (["1"] if carry else [])
+        total = sum(int(t) for t in terms)
+        steps.append(f"{' + '.join(terms)} = {total}")
+        carry = total // 10
+    return " , ".join(steps)
 
 
 def split_heldout(examples: list[dict], heldout: int, seed: int) -> tuple[list[dict], list[dict]]:

@@ -43,3 +43,15 @@ def rollout_worker(ray_session, tiny_model_path):
     worker = rollout_worker_actor(tiny_model_path, cfg)
     yield worker
     ray_session.kill(worker)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` are skipped on machines without CUDA."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -70,3 +70,13 @@ def test_placement_arithmetic():
     with pytest.raises(ValueError):
         plan_placement(rollout_workers=1, tensor_parallel=16, learner_ranks=1, reward_workers=1,
                        gpus_per_node=8, cores=8)
+
+
+def test_column_addition_worked_steps():
+    from drivers.tasks import column_addition
+
+    assert column_addition(37, 5) == "7 + 5 = 12 , 3 + 1 = 4"       # carry into the tens
+    assert column_addition(40, 3) == "0 + 3 = 3 , 4 = 4"
+    assert column_addition(99, 9) == "9 + 9 = 18 , 9 + 1 = 10"
+    assert column_addition(7, 2) == "7 + 2 = 9"
+    assert column_addition(123, 45) == "3 + 5 = 8 , 2 + 4 = 6 , 1 = 1"
