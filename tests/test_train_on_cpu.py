@@ -119,3 +119,18 @@ def test_tiny_recipe_really_learns(ray_session, tmp_path):
     print(f"held-out greedy accuracy: start of RL {start:.3f} -> after 20 steps {end:.3f}")
     assert summary["start"]["eval/format"] >= 0.9          # the cold start taught the format
     assert end >= start + 0.05                              # GRPO itself raised the accuracy
+
+
+def test_dynamic_sampling_drops_flat_groups_and_refills(ray_session, tiny_model_path, tmp_path):
+    """An untrained model earns reward 0 everywhere: every group is flat, so dynamic sampling
+    draws more prompts (max_refill_rounds times), trains on nothing, and says so in the metrics."""
+    cfg = build_config({**SMALL, "run": {"name": "dyn", "output_dir": str(tmp_path / "dyn")},
+                        "model": {"path": tiny_model_path}, "algo": {"dynamic_sampling": True},
+                        "train": {**SMALL["train"], "steps": 1, "sft_steps": 0, "max_refill_rounds": 2}})
+    _, history = _run(cfg)
+    row = [r for r in history if "reward/mean" in r][0]
+    assert row["reward/mean"] == 0.0
+    assert row["train/refill_rounds"] == 2
+    assert row["rollout/samples"] == 3 * 4 * 4          # 3 rounds x 4 prompts x G=4
+    assert row["train/zero_variance_groups"] == 12 and row["train/rows"] == 0
+    assert "train/loss" not in row                      # nothing to learn from: no update
