@@ -1,5 +1,6 @@
 """The driver end to end on the tiny model: wandb read-back, exact resume, async staleness."""
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -45,7 +46,13 @@ def test_run_logs_every_metric_on_one_step_counter(uninterrupted):
     run_dir = Path(cfg.run.output_dir)
     wandb_files = list(run_dir.glob("wandb/offline-run-*/run-*.wandb"))
     assert len(wandb_files) == 1
+    # wandb-core writes the offline file from its own process; finish() can return before the
+    # last records are on disk, so wait (bounded) until the final step is there
+    deadline = time.time() + 120
     rows = read_offline_history(wandb_files[0])
+    while not any(r["_step"] == 4 and "eval/accuracy" in r for r in rows) and time.time() < deadline:
+        time.sleep(1)
+        rows = read_offline_history(wandb_files[0])
     steps = [r["_step"] for r in rows]
     assert steps == sorted(steps) and steps[0] == 0 and steps[-1] == 4
     for r in rows:                      # wandb's step == our step counter in every row
