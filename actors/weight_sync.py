@@ -121,8 +121,8 @@ class NcclTransport:
     """GPU transport: rank 0 (the learner) broadcasts buckets to ranks 1..N (the vLLM workers).
 
     The group is a vLLM StatelessProcessGroup, so it never touches the learner's own
-    torch.distributed world. Call `sender(...)` on the learner and, concurrently,
-    `llm.collective_rpc("r1ray_init_nccl", ...)` on each engine (RolloutWorker.init_nccl).
+    torch.distributed world. Construct it on the learner (rank 0) while each engine joins with
+    RolloutWorker.init_nccl; then `publish` here while the engines run update_weights(transport="nccl").
     """
 
     def __init__(self, host: str, port: int, world_size: int, device: int | str = 0):

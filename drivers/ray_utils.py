@@ -101,7 +101,7 @@ class ActorGroup:
 
     @staticmethod
     def get(refs: list, timeout: float | None = None) -> list:
-        """ray.get with a timeout that names what was being waited for."""
+        """ray.get of the refs that call() or call_each() returned (optional timeout in seconds)."""
         import ray
 
         return ray.get(refs, timeout=timeout)
