@@ -46,6 +46,27 @@ def rollout_worker_actor(model_path: str, cfg):
     return worker
 
 
+def rollout_group(model_path: str, cfg) -> "ActorGroup":
+    """cfg.rollout.num_workers RolloutWorkers in one placement group (SPREAD over nodes), engines up.
+
+    Each bundle is {"CPU": 1, "GPU": tensor_parallel_size} on GPU machines, so an autoscaling
+    cluster sees the whole rollout demand at once and adds GPU nodes for it.
+    """
+    import ray
+    import torch
+
+    from actors.rollout import RolloutWorker
+
+    gpus = cfg.rollout.tensor_parallel_size if torch.cuda.is_available() else 0
+    threads = cfg.rollout.cpu_threads or os.cpu_count() or 1
+    group = ActorGroup(RolloutWorker, cfg.rollout.num_workers, num_cpus=1, num_gpus=gpus, strategy="SPREAD",
+                       max_concurrency=16, env={"OMP_NUM_THREADS": str(threads)}, name="rollout",
+                       kwargs_fn=lambda r, a, p: dict(model_path=model_path, dtype=cfg.model.dtype,
+                                                      **cfg.rollout.model_dump()))
+    ray.get([w.info.remote() for w in group.actors])  # surfaces engine start-up errors here
+    return group
+
+
 def _node_ip_and_free_port() -> tuple[str, int]:
     import socket
 
@@ -122,7 +143,7 @@ def wait_for_placement(pg, what: str, timeout_s: float) -> None:
 
     t0 = time.perf_counter()
     while True:
-        ready, _ = ray.wait([pg.ready()], timeout=10.0)
+        ready, _ = ray.wait([pg.ready()], timeout=2.0 if time.perf_counter() - t0 < 1 else 10.0)
         if ready:
             return
         waited = time.perf_counter() - t0

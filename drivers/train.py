@@ -54,7 +54,7 @@ class Run:
         from actors.rewards import RewardWorker
         from drivers.models import ensure_model
         from drivers.placement import plan_placement
-        from drivers.ray_utils import ActorGroup, init_ray, rollout_worker_actor
+        from drivers.ray_utils import ActorGroup, init_ray, rollout_group
         from drivers.tracking import RunLogger
 
         self.cfg = cfg
@@ -82,7 +82,8 @@ class Run:
                               learner_ranks=cfg.learner.num_ranks, reward_workers=cfg.reward.num_workers,
                               gpus_per_node=torch.cuda.device_count() if cuda else 0,
                               cores=os.cpu_count() or 1)
-        self.rollouts = [rollout_worker_actor(self.model_path, cfg) for _ in range(cfg.rollout.num_workers)]
+        self.rollout_group = rollout_group(self.model_path, cfg)
+        self.rollouts = self.rollout_group.actors
         self.rewards = ActorGroup(RewardWorker, cfg.reward.num_workers, num_cpus=plan["reward"].num_cpus,
                                   name="reward", kwargs_fn=lambda r, a, p: dict(
                                       timeout_s=cfg.reward.timeout_s, num_procs=cfg.reward.procs_per_worker,
@@ -357,8 +358,7 @@ class Run:
     def close(self) -> None:
         """Finish wandb, stop this run's actors and Ray session (nothing else)."""
         self.logger.finish()
-        for w in self.rollouts:
-            self.ray.kill(w)
+        self.rollout_group.kill()
         self.rewards.kill()
         self.learner.kill()
 

@@ -53,3 +53,18 @@ def test_the_placement_plan_of_a_full_node_fits_a_gpu_node_type():
     plan = plan_placement(rollout_workers=2, tensor_parallel=2, learner_ranks=4, reward_workers=2,
                           gpus_per_node=node["GPU"], cores=node["CPU"])
     assert plan["gpu_nodes"] == 1 and plan["total_gpus"] <= node["GPU"]
+
+
+def test_kuberay_rayjob_manifest_runs_the_tiny_recipe_with_autoscaling_gpu_workers():
+    job = yaml.safe_load((ROOT / "k8s" / "rayjob.yaml").read_text())
+    assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob"
+    assert job["spec"]["entrypoint"].startswith("r1ray train configs/tiny.yaml")
+    cluster = job["spec"]["rayClusterSpec"]
+    assert cluster["enableInTreeAutoscaling"] is True
+    gpu = cluster["workerGroupSpecs"][0]
+    assert gpu["minReplicas"] == 0 < gpu["maxReplicas"]
+    assert gpu["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]
+    # the config the job names exists and validates
+    from drivers.config import load_config
+
+    load_config(ROOT / job["spec"]["entrypoint"].split()[2])
