@@ -369,17 +369,21 @@ class Learner:
         self.engine.save_checkpoint(str(directory), tag=tag,
                                     client_state={"steps": self.steps, "phase_steps": self.phase_steps,
                                                   "base_lr": self.base_lr, **(client_state or {})})
+        self.save_hf(str(directory / "hf"))
+        return str(directory)
+
+    def save_hf(self, directory: str) -> str:
+        """The current weights + the tokenizer as an HF model directory (collective; rank 0 writes)."""
+        import torch.distributed as dist
+
         with self._gathered():
             if self.rank == 0:
                 from transformers import AutoTokenizer
 
-                hf_dir = directory / "hf"
-                self.engine.module.save_pretrained(hf_dir, safe_serialization=True)
-                AutoTokenizer.from_pretrained(self.model_path).save_pretrained(hf_dir)
-        import torch.distributed as dist
-
+                self.engine.module.save_pretrained(directory, safe_serialization=True)
+                AutoTokenizer.from_pretrained(self.model_path).save_pretrained(directory)
         dist.barrier()
-        return str(directory)
+        return directory
 
     def load_checkpoint(self, directory: str, tag: str = "latest") -> dict:
         """Restore DeepSpeed state saved by save_checkpoint; returns its client state."""

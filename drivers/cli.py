@@ -4,6 +4,8 @@
     r1ray train CONFIG [a.b=value ...] [--resume]  GRPO training on Ray (sync or async)
     r1ray sample CONFIG [a.b=value ...]          start vLLM rollout worker(s) on Ray, print samples
     r1ray show-config CONFIG [a.b=value ...]     print the validated config
+    r1ray sft --model PATH --data F.jsonl --out DIR    SFT on {"prompt", "completion"} rows
+    r1ray eval --model PATH --data F.jsonl [--k 8]     pass@1 (mean of k), pass@k, cons@k, length
 
 Runs unchanged under `ray job submit -- r1ray ...` (ray.init() joins the job's cluster).
 """
@@ -72,6 +74,38 @@ def _cmd_train(args) -> int:
     return 0
 
 
+def _cmd_sft(args) -> int:
+    from drivers.sft import run_sft
+
+    summary = run_sft(args.model, args.data, args.out, epochs=args.epochs, batch_size=args.batch_size,
+                      lr=args.lr, warmup_steps=args.warmup_steps, seed=args.seed, chat=not args.no_template,
+                      num_ranks=args.ranks, zero_stage=args.zero_stage, dtype=args.dtype)
+    print(json.dumps(summary))
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from drivers.evaluate import format_eval, run_eval
+
+    metrics = run_eval(args.model, args.data, k=args.k, temperature=args.temperature, top_p=args.top_p,
+                       max_tokens=args.max_tokens, limit=args.limit, seed=args.seed, dtype=args.dtype)
+    print(format_eval(metrics))
+    print(json.dumps(metrics))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(metrics, f, indent=1)
+    return 0
+
+
+def _positive(kind):
+    def parse(text: str):
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argparse tree of `r1ray` (one subcommand per job)."""
     p = argparse.ArgumentParser(prog="r1ray", description=__doc__,
@@ -94,6 +128,34 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "train":
             q.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
         q.set_defaults(fn=fn)
+
+    q = sub.add_parser("sft", help="supervised fine-tuning on {prompt, completion} jsonl rows")
+    q.add_argument("--model", required=True, help="HF model directory")
+    q.add_argument("--data", required=True, help='jsonl rows {"prompt": ..., "completion": ...}')
+    q.add_argument("--out", required=True, help="where the fine-tuned HF model is saved")
+    q.add_argument("--epochs", type=_positive(float), default=2.0)
+    q.add_argument("--batch-size", type=_positive(int), default=16)
+    q.add_argument("--lr", type=_positive(float), default=1e-4)
+    q.add_argument("--warmup-steps", type=int, default=0)
+    q.add_argument("--ranks", type=_positive(int), default=1, help="DeepSpeed ranks (Ray actors)")
+    q.add_argument("--zero-stage", type=int, default=2, choices=[0, 1, 2, 3])
+    q.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--no-template", action="store_true", help="prompt as is, without the chat template")
+    q.set_defaults(fn=_cmd_sft)
+
+    q = sub.add_parser("eval", help="pass@1 over k samples, unbiased pass@k, cons@k, mean length")
+    q.add_argument("--model", required=True, help="HF model directory")
+    q.add_argument("--data", required=True, help='jsonl rows {"prompt"|"question", "answer"}')
+    q.add_argument("--k", type=_positive(int), default=8, help="samples per prompt")
+    q.add_argument("--temperature", type=float, default=0.6)
+    q.add_argument("--top-p", type=float, default=0.95)
+    q.add_argument("--max-tokens", type=_positive(int), default=256)
+    q.add_argument("--limit", type=_positive(int), default=None, help="first N prompts only")
+    q.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--out", default=None, help="also write the JSON here")
+    q.set_defaults(fn=_cmd_eval)
     return p
 
 

@@ -1,0 +1,79 @@
+"""Supervised fine-tuning on {"prompt", "completion"} rows with the DeepSpeed learner on Ray.
+
+Used by `r1ray sft` (cold start, rejection-sampling SFT, distillation, the AGSER facts world).
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+from drivers.tasks import load_jsonl, step_prompts
+
+
+def sft_rows(tokenizer, examples: list[dict], chat: bool = True) -> tuple[list[list[int]], list[int]]:
+    """Token rows (prompt + completion + eos) and prompt lengths; chat=True renders the chat template."""
+    rows, plens = [], []
+    for ex in examples:
+        if chat:
+            prompt = list(tokenizer.apply_chat_template([{"role": "user", "content": ex["prompt"]}],
+                                                        add_generation_prompt=True, tokenize=True,
+                                                        return_dict=False))
+        else:
+            prompt = tokenizer.encode(ex["prompt"], add_special_tokens=False)
+        completion = tokenizer.encode(" " + ex["completion"].strip(), add_special_tokens=False)
+        rows.append(prompt + completion + [tokenizer.eos_token_id])
+        plens.append(len(prompt))
+    return rows, plens
+
+
+def run_sft(model: str, data: str, out: str, *, epochs: float = 2.0, batch_size: int = 16, lr: float = 1e-4,
+            warmup_steps: int = 0, seed: int = 0, chat: bool = True, num_ranks: int = 1, zero_stage: int = 2,
+            dtype: str = "float32", micro_batch_tokens: int = 16384) -> dict:
+    """Train `model` on the rows of `data` for `epochs` and save an HF model under `out`.
+
+    Bad rows are counted and skipped with their line numbers. Returns a summary dict.
+    """
+    import ray
+    import torch
+    from tqdm import tqdm
+    from transformers import AutoTokenizer
+
+    from actors.learner import Learner
+    from drivers.ray_utils import ActorGroup, init_ray
+
+    dataset = load_jsonl(data, answer_key="completion")
+    for lineno, why in dataset.skipped[:20]:
+        print(f"skipped data row {lineno}: {why}")
+    if not dataset.examples:
+        raise ValueError(f"{data}: no usable {{'prompt', 'completion'}} rows ({len(dataset.skipped)} skipped)")
+    examples = [{"prompt": e["prompt"], "completion": e["answer"]} for e in dataset.examples]
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    steps = max(1, math.ceil(epochs * len(examples) / batch_size))
+    t0 = time.perf_counter()
+    init_ray()
+    cuda = torch.cuda.is_available()
+    group = ActorGroup(Learner, num_ranks, num_gpus=1 if cuda else 0, name="sft",
+                       kwargs_fn=lambda r, addr, port: dict(
+                           model_path=model, rank=r, world_size=num_ranks, master_addr=addr, master_port=port,
+                           zero_stage=zero_stage, dtype=dtype, lr=lr, warmup_steps=warmup_steps, seed=seed,
+                           micro_batch_tokens=micro_batch_tokens, cpu_threads=1 if not cuda else 4))
+    history = []
+    try:
+        bar = tqdm(range(steps), desc="sft", unit="step")
+        for s in bar:
+            rows, plens = sft_rows(tokenizer, step_prompts(examples, s, batch_size, seed), chat)
+            m = group.get(group.call_each("sft_step", [
+                ({"input_ids": rows[i::num_ranks], "prompt_lens": plens[i::num_ranks]},) for i in range(num_ranks)]))[0]
+            history.append(m["sft/nll"])
+            bar.set_postfix(nll=f"{m['sft/nll']:.3f}")
+        Path(out).mkdir(parents=True, exist_ok=True)
+        group.get(group.call("save_hf", str(Path(out).resolve())))
+    finally:
+        group.kill()
+    summary = {"rows": len(examples), "skipped": len(dataset.skipped), "steps": steps, "epochs": epochs,
+               "nll_first": history[0], "nll_last": history[-1], "out": str(out),
+               "seconds": round(time.perf_counter() - t0, 1)}
+    (Path(out) / "sft_summary.json").write_text(json.dumps(summary, indent=1))
+    return summary

@@ -1,0 +1,91 @@
+"""pass@k / cons@k against hand-computed values; `r1ray sft` then `r1ray eval` on the tiny model."""
+import json
+from fractions import Fraction
+from math import prod
+
+import pytest
+
+from drivers.evaluate import majority_vote, pass_at_k, summarize_eval
+
+
+def _pass_at_k_product(n, c, k):
+    # an independent form: 1 - prod_{i=n-c+1}^{n} (1 - k / i)
+    if n - c < k:
+        return 1.0
+    return 1.0 - float(prod(Fraction(i - k, i) for i in range(n - c + 1, n + 1)))
+
+
+def test_pass_at_k_hand_values():
+    assert pass_at_k(5, 2, 1) == pytest.approx(0.4)
+    assert pass_at_k(5, 2, 2) == pytest.approx(1 - 3 / 10)      # 1 - C(3,2)/C(5,2)
+    assert pass_at_k(10, 3, 5) == pytest.approx(1 - 21 / 252)   # 1 - C(7,5)/C(10,5)
+    assert pass_at_k(4, 3, 2) == 1.0                            # fewer than k wrong samples
+    assert pass_at_k(8, 0, 8) == 0.0 and pass_at_k(8, 8, 1) == 1.0
+    for n, c, k in [(16, 5, 4), (64, 7, 8), (20, 1, 1), (33, 30, 4)]:
+        assert pass_at_k(n, c, k) == pytest.approx(_pass_at_k_product(n, c, k), abs=1e-12)
+    for bad in [(4, 5, 1), (4, 2, 0), (4, 2, 5), (4, -1, 1)]:
+        with pytest.raises(ValueError, match="pass@k"):
+            pass_at_k(*bad)
+
+
+def test_majority_vote_ties_go_to_the_first_seen_answer_and_numbers_compare_exactly():
+    assert majority_vote(["3", "4", "4", "3"]) == 0            # 2-2 tie: "3" came first
+    assert majority_vote(["4", "3", "3", "4", "5"]) == 0
+    assert majority_vote(["7", "18.0", "18", "$18"]) == 1      # 18.0 == 18 == $18
+    assert majority_vote([None, None]) is None
+    assert majority_vote([None, "5", None]) == 1               # unparseable answers do not vote
+    assert majority_vote(["x + 1", "x  +  1", "y"]) == 0       # whitespace-normalised text
+
+
+def test_summarize_eval_by_hand():
+    def s(correct, answer, length):
+        return {"correct": correct, "answer": answer, "length": length}
+
+    per_prompt = [
+        [s(True, "5", 10), s(False, "6", 20), s(False, "6", 30), s(True, "5", 40)],  # tie 5/6 -> "5": right
+        [s(False, "1", 4), s(False, "2", 4), s(True, "3", 4), s(False, "2", 4)],     # "2" wins: wrong
+    ]
+    m = summarize_eval(per_prompt, [2, 4])
+    assert m["pass@1"] == pytest.approx((2 / 4 + 1 / 4) / 2)
+    assert m["pass@2"] == pytest.approx(((1 - 1 / 6) + (1 - 3 / 6)) / 2)   # C(2,2)/C(4,2), C(3,2)/C(4,2)
+    assert m["pass@4"] == 1.0 and m["cons@4"] == 0.5
+    assert m["mean_length"] == pytest.approx((100 + 16) / 8)
+
+
+def test_sft_then_eval_commands_on_the_tiny_model(ray_session, tiny_model_path, tmp_path, capsys):
+    from drivers.cli import main
+    from drivers.tasks import arithmetic_examples, worked_example
+
+    import random
+
+    examples = arithmetic_examples(a_max=20, b_max=9, ops=["+"])
+    random.Random(0).shuffle(examples)
+    train, held = examples[:160], examples[160:176]
+    data = tmp_path / "sft.jsonl"
+    with open(data, "w") as f:
+        for ex in train:
+            f.write(json.dumps({"prompt": ex["prompt"], "completion": worked_example(ex)}) + "\n")
+        f.write(json.dumps({"prompt": "no completion here"}) + "\n")            # a bad row: skipped
+    test = tmp_path / "test.jsonl"
+    test.write_text("".join(json.dumps({"prompt": e["prompt"], "answer": e["answer"]}) + "\n" for e in held))
+
+    out = tmp_path / "sft-model"
+    assert main(["sft", "--model", tiny_model_path, "--data", str(data), "--out", str(out),
+                 "--epochs", "10", "--batch-size", "16", "--lr", "2e-3"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["rows"] == 160 and summary["skipped"] == 1 and summary["steps"] == 100
+    assert summary["nll_last"] < 0.5 * summary["nll_first"], summary
+    assert (out / "model.safetensors").exists() and (out / "tokenizer.json").exists()
+
+    metrics = {}
+    for name, model in (("base", tiny_model_path), ("sft", str(out))):
+        assert main(["eval", "--model", model, "--data", str(test), "--k", "4", "--max-tokens", "48",
+                     "--out", str(tmp_path / f"{name}.json")]) == 0
+        metrics[name] = json.loads((tmp_path / f"{name}.json").read_text())
+    print(json.dumps(metrics))
+    base, sft = metrics["base"], metrics["sft"]
+    assert sft["prompts"] == 16 and sft["samples_per_prompt"] == 4 and sft["verifier_failures"] == 0
+    # 100 steps teach the R1 layout (the sums take the tiny recipe's 220 x 32 and RL)
+    assert base["format"] == 0.0 and sft["format"] >= 0.5
+    assert base["mean_length"] > sft["mean_length"]                # the base rambles to max_tokens
+    assert 0.0 <= sft["pass@1"] <= sft["pass@2"] <= sft["pass@4"] <= 1.0
