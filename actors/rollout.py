@@ -206,19 +206,25 @@ class RolloutWorker:
             return_dict=False) for p in prompts]
 
     def generate(self, prompts: list[str], n: int = 1, *, chat: bool = True,
-                 seed: int | None = None, **sampling) -> list[Rollout]:
+                 seed: int | None = None, prompt_ids: list[list[int]] | None = None,
+                 **sampling) -> list[Rollout]:
         """Sample `n` completions per prompt; returns len(prompts) * n Rollouts grouped by prompt.
 
         sampling: temperature, top_p, max_tokens (defaults from the constructor) and any other
         vLLM SamplingParams field. seed: prompt i samples with seed + i (the same weights and
         seed give the same samples, whatever else is in the batch). chat=False sends the prompt
-        text as is. Safe to call from several threads at once: requests join one running batch.
+        text as is; prompt_ids (one token list per prompt) are sent as given instead. Safe to call
+        from several threads at once: requests join one running batch.
         """
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
-        ids = self.render_prompts(prompts) if chat else [
-            self.tokenizer.encode(p, add_special_tokens=False) for p in prompts]
+        if prompt_ids is not None:
+            ids = [list(x) for x in prompt_ids]
+        elif chat:
+            ids = self.render_prompts(prompts)
+        else:
+            ids = [self.tokenizer.encode(p, add_special_tokens=False) for p in prompts]
         params = []
         for i in range(len(prompts)):
             # keep <think>/<answer> in the text: the verifiers read them

@@ -6,6 +6,8 @@
     r1ray show-config CONFIG [a.b=value ...]     print the validated config
     r1ray sft --model PATH --data F.jsonl --out DIR    SFT on {"prompt", "completion"} rows
     r1ray eval --model PATH --data F.jsonl [--k 8]     pass@1 (mean of k), pass@k, cons@k, length
+    r1ray agser-eval --model PATH --data F.jsonl      AUC of AGSER hallucination scores vs a baseline
+    r1ray facts-world --out DIR                       write the facts world (sft.jsonl, eval.jsonl)
 
 Runs unchanged under `ray job submit -- r1ray ...` (ray.init() joins the job's cluster).
 """
@@ -97,6 +99,25 @@ def _cmd_eval(args) -> int:
     return 0
 
 
+def _cmd_agser_eval(args) -> int:
+    from drivers.agser_eval import run_agser_eval
+
+    result = run_agser_eval(args.model, args.data, n_samples=args.n_samples, max_tokens=args.max_tokens,
+                            dtype=args.dtype, layers=args.layers, unit=args.unit, seed=args.seed)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+    print(json.dumps(result))
+    return 0
+
+
+def _cmd_facts_world(args) -> int:
+    from drivers.agser_eval import write_facts_world
+
+    print(json.dumps(write_facts_world(args.out, n_known=args.known, n_unknown=args.unknown, seed=args.seed)))
+    return 0
+
+
 def _positive(kind):
     def parse(text: str):
         value = kind(text)
@@ -156,6 +177,25 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--out", default=None, help="also write the JSON here")
     q.set_defaults(fn=_cmd_eval)
+
+    q = sub.add_parser("agser-eval", help="AGSER hallucination detection: AUCs and model calls vs a baseline")
+    q.add_argument("--model", required=True, help="HF model directory (the judge and answerer)")
+    q.add_argument("--data", required=True, help='jsonl rows {"question": ..., "answers": [accepted, ...]}')
+    q.add_argument("--n-samples", type=_positive(int), default=20, help="self-consistency baseline samples")
+    q.add_argument("--max-tokens", type=_positive(int), default=16)
+    q.add_argument("--layers", default="all", choices=["all", "first", "last"])
+    q.add_argument("--unit", default="word", choices=["word", "token"], help="what the 2/3 split keeps")
+    q.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--out", default=None, help="also write the JSON here")
+    q.set_defaults(fn=_cmd_agser_eval)
+
+    q = sub.add_parser("facts-world", help="write the AGSER facts world: sft.jsonl (known) and eval.jsonl (all)")
+    q.add_argument("--out", required=True)
+    q.add_argument("--known", type=_positive(int), default=40)
+    q.add_argument("--unknown", type=_positive(int), default=40)
+    q.add_argument("--seed", type=int, default=0)
+    q.set_defaults(fn=_cmd_facts_world)
     return p
 
 

@@ -1,0 +1,147 @@
+"""`r1ray agser-eval` and the facts world that tests it on the embedded default.
+
+agser-eval: rows {"question", "answers": [accepted strings]}; the label of a row is whether the
+model's greedy answer matches one of them (1 = correct, 0 = hallucinated). AGSER (both score
+variants), r_att alone and a SelfCheckGPT-style self-consistency baseline score every row; the
+AUC of each says how well it separates correct from hallucinated answers.
+"""
+from __future__ import annotations
+
+import json
+import random
+import time
+from pathlib import Path
+
+RELATIONS = {
+    "capital": ("What is the capital of {e}?", ["Plim", "Varo", "Kesh", "Dunmar", "Tollis", "Brev",
+                                                "Ostra", "Quill", "Morrow", "Fenn", "Ilka", "Zade"]),
+    "language": ("Which language is spoken in {e}?", ["Olvish", "Tarric", "Bemmic", "Surran", "Kolish",
+                                                      "Avian", "Drennic", "Pellan", "Utric", "Gask"]),
+    "currency": ("What is the currency of {e}?", ["crown", "mark", "shell", "talon", "drim", "pence",
+                                                  "ruble", "lira", "bead", "coin"]),
+}
+_SYLLABLES = ["zor", "va", "nia", "bel", "kar", "ti", "os", "lun", "dra", "mes", "qui", "ran", "tho",
+              "pel", "ga", "ru", "sel", "fen", "dor", "al", "wen", "xi", "ba", "mor"]
+
+
+def facts_world(n_known: int = 40, n_unknown: int = 40, seed: int = 0) -> dict:
+    """A world of invented countries with a capital, a language and a currency each.
+
+    Returns {"sft": [{"prompt", "completion"}] for the known countries only, "eval": [{"question",
+    "answers", "known"}] for every country and relation}. Names are unique and never reused.
+    """
+    rng = random.Random(seed)
+    names: list[str] = []
+    while len(names) < n_known + n_unknown:
+        name = "".join(rng.choice(_SYLLABLES) for _ in range(rng.choice([2, 3]))).capitalize()
+        if name not in names:
+            names.append(name)
+    sft, evaluation = [], []
+    for idx, entity in enumerate(names):
+        known = idx < n_known
+        for template, values in RELATIONS.values():
+            question, value = template.format(e=entity), rng.choice(values)
+            if known:
+                sft.append({"prompt": question, "completion": f"<answer> {value} </answer>"})
+            evaluation.append({"question": question, "answers": [value], "known": known})
+    return {"sft": sft, "eval": evaluation}
+
+
+def write_facts_world(out: str | Path, **kwargs) -> dict:
+    """facts_world written as out/sft.jsonl and out/eval.jsonl; returns the counts."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    world = facts_world(**kwargs)
+    for name in ("sft", "eval"):
+        with open(out / f"{name}.jsonl", "w") as f:
+            f.writelines(json.dumps(row) + "\n" for row in world[name])
+    return {"sft_rows": len(world["sft"]), "eval_rows": len(world["eval"]), "out": str(out)}
+
+
+def load_agser_rows(path: str | Path) -> tuple[list[dict], list[tuple[int, str]]]:
+    """{"question", "answers"} rows; bad rows are counted and skipped with their line numbers."""
+    rows, skipped = [], []
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                row = json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as err:
+                skipped.append((lineno, f"not UTF-8 JSON ({type(err).__name__})"))
+                continue
+            if not isinstance(row, dict) or not isinstance(row.get("question"), str) or not row["question"].strip():
+                skipped.append((lineno, "missing or empty 'question'"))
+            elif not isinstance(row.get("answers"), list) or not row["answers"] or \
+                    not all(isinstance(a, str) and a.strip() for a in row["answers"]):
+                skipped.append((lineno, "'answers' must be a non-empty list of strings"))
+            else:
+                rows.append(row)
+    return rows, skipped
+
+
+def matches(answer: str, accepted: list[str]) -> bool:
+    """Case- and whitespace-insensitive equality of the final answer with an accepted string."""
+    from actors.agser import answer_text
+
+    norm = " ".join(answer_text(answer).lower().split())
+    return any(norm == " ".join(a.lower().split()) for a in accepted)
+
+
+def run_agser_eval(model: str, data: str, *, n_samples: int = 20, max_tokens: int = 16,
+                   dtype: str = "float32", layers: str = "all", frac: float = 2 / 3, unit: str = "word",
+                   seed: int = 0) -> dict:
+    """AUCs of AGSER (attention / value variants), r_att alone and self-consistency; calls per query."""
+    import ray
+
+    from actors.agser import JudgeWorker, roc_auc
+    from drivers.ray_utils import init_ray
+
+    rows, skipped = load_agser_rows(data)
+    for lineno, why in skipped[:20]:
+        print(f"skipped data row {lineno}: {why}")
+    if not rows:
+        raise ValueError(f"{data}: no usable rows ({len(skipped)} skipped)")
+    t0 = time.perf_counter()
+    init_ray()
+    judge = ray.remote(num_cpus=1)(JudgeWorker).remote(model, dtype=dtype, max_tokens=max_tokens,
+                                                       layers=layers, frac=frac, unit=unit)
+    try:
+        questions = [r["question"] for r in rows]
+        t1 = time.perf_counter()
+        agser = ray.get(judge.score.remote(questions))
+        agser_calls, agser_s = ray.get(judge.reset_calls.remote()), time.perf_counter() - t1
+        t1 = time.perf_counter()
+        baseline = ray.get(judge.self_consistency.remote(questions, n=n_samples, seed=seed))
+        base_calls, base_s = ray.get(judge.reset_calls.remote()), time.perf_counter() - t1
+    finally:
+        ray.kill(judge)
+    labels = [int(matches(a["answer"], r["answers"])) for a, r in zip(agser, rows)]
+    n = len(rows)
+    out = {"rows": n, "skipped": len(skipped), "correct": sum(labels), "hallucinated": n - sum(labels)}
+    for group in (True, False):  # the facts world marks rows of trained ("known") entities
+        ys = [y for y, r in zip(labels, rows) if r.get("known") is group]
+        if ys:
+            out[f"accuracy_{'known' if group else 'unknown'}"] = sum(ys) / len(ys)
+    if 0 < sum(labels) < n:
+        out["auc"] = {"agser_attention": roc_auc([a["attention"]["score"] for a in agser], labels),
+                      "agser_value": roc_auc([a["value"]["score"] for a in agser], labels),
+                      "r_att_attention": roc_auc([a["attention"]["r_att"] for a in agser], labels),
+                      "r_att_value": roc_auc([a["value"]["r_att"] for a in agser], labels),
+                      "r_non_att_attention": roc_auc([-a["attention"]["r_non_att"] for a in agser], labels),
+                      f"self_consistency_n{n_samples}": roc_auc([b["score"] for b in baseline], labels)}
+    else:
+        out["auc"] = None  # one label only: nothing to separate
+    # model calls per query: AGSER = 1 greedy + 2 re-queries per variant + 1 attention forward
+    per_variant = {"generate": 3, "forward": 1}
+    out["calls_per_query"] = {
+        "agser_one_variant": sum(per_variant.values()),
+        "agser_both_variants_as_run": (agser_calls["generate"] + agser_calls["forward"]) / n,
+        "self_consistency": (base_calls["generate"] + base_calls["forward"]) / n}
+    out["calls_ratio_agser_vs_baseline"] = out["calls_per_query"]["agser_one_variant"] / \
+        out["calls_per_query"]["self_consistency"]
+    out["seconds"] = {"agser_both_variants": round(agser_s, 2), "self_consistency": round(base_s, 2),
+                      "total": round(time.perf_counter() - t0, 1)}
+    out["examples"] = [{"question": a["question"], "label": y, "answer": a["answer"],
+                        "x_att": a["attention"]["x_att"], "y_att": a["attention"]["y_att"],
+                        "x_non_att": a["attention"]["x_non_att"], "y_non_att": a["attention"]["y_non_att"],
+                        "score": a["attention"]["score"]} for a, y in list(zip(agser, labels))[:4]]
+    return out

@@ -1,0 +1,136 @@
+"""AGSER: the split, the score aggregation and the Rouge combination by hand; the judge on a real model."""
+import math
+
+import pytest
+import torch
+
+from actors.agser import (UnicodeWordTokenizer, agser_score, aggregate_layers, attention_scores, roc_auc,
+                          rouge_l, split_query, value_weighted_scores, word_units)
+
+
+def test_split_keeps_the_top_two_thirds_in_order():
+    ids, scores = [10, 11, 12, 13, 14], [0.1, 0.5, 0.2, 0.9, 0.3]
+    assert split_query(ids, scores) == ([11, 12, 13, 14], [10])          # k = ceil(10/3) = 4
+    assert split_query(ids[:3], scores[:3]) == ([11, 12], [10])           # k = 2
+    assert split_query([1, 2, 3], [0.5, 0.5, 0.5]) == ([1, 2], [3])       # ties: earlier first
+    assert split_query([7], [1.0]) == ([7], [])                           # k = ceil(2/3) = 1
+    assert split_query(ids, scores, frac=0.4) == ([11, 13], [10, 12, 14])
+
+
+def test_split_by_words_sums_token_scores_per_word():
+    ids, units = [1, 2, 3, 4, 5, 6], [0, 0, 1, 2, 2, 3]
+    scores = [0.1, 0.1, 0.5, 0.2, 0.2, 0.05]                              # words: .2, .5, .4, .05
+    assert split_query(ids, scores, units=units) == ([1, 2, 3, 4, 5], [6])   # k = ceil(8/3) = 3 words
+    assert split_query(ids, scores, frac=0.5, units=units) == ([3, 4, 5], [1, 2, 6])
+
+
+def test_split_rejects_bad_input():
+    with pytest.raises(ValueError, match="2 scores for 3"):
+        split_query([1, 2, 3], [0.1, 0.2])
+    with pytest.raises(ValueError, match="frac"):
+        split_query([1, 2], [0.1, 0.2], frac=1.0)
+    with pytest.raises(ValueError, match="non-decreasing"):
+        split_query([1, 2], [0.1, 0.2], units=[1, 0])
+
+
+def test_word_units_from_offsets():
+    text = " What is the capital?"
+    # byte-level style tokens: " What", " is", " ", "the", " capital", "?"
+    offsets = [(0, 5), (5, 8), (8, 9), (9, 12), (12, 20), (20, 21)]
+    assert word_units(text, offsets) == [0, 1, 2, 2, 3, 3]
+
+
+def test_rouge_l_by_hand_and_for_chinese():
+    assert rouge_l("the cat", "the cat sat") == pytest.approx(2 * 1 * (2 / 3) / (1 + 2 / 3))   # 0.8
+    assert rouge_l("Paris", "paris") == 1.0 and rouge_l("", "Paris") == 0.0
+    # each CJK character is a word: LCS 2 of 2 and 5 -> P 1, R 0.4
+    assert rouge_l("北京", "北京是首都") == pytest.approx(2 * 0.4 / 1.4)
+    assert UnicodeWordTokenizer().tokenize("Café au lait, 北京!") == ["café", "au", "lait", "北", "京"]
+    from rouge_score import rouge_scorer   # why the default tokenizer is not used: it drops CJK
+
+    assert rouge_scorer.RougeScorer(["rougeL"]).score("北京是首都", "北京")["rougeL"].fmeasure == 0.0
+
+
+def test_agser_score_combination():
+    r = agser_score("Paris", "Paris", "London")
+    assert r == {"r_att": 1.0, "r_non_att": 0.0, "score": 1.0}
+    r = agser_score("the river Seine", "the Seine", "the river Thames", lam=0.5)
+    assert r["r_att"] == pytest.approx(0.8) and r["r_non_att"] == pytest.approx(2 / 3)
+    assert r["score"] == pytest.approx(0.5 * 0.8 - 2 / 3)
+
+
+def test_roc_auc_by_hand():
+    assert roc_auc([0.9, 0.8, 0.3, 0.3], [1, 0, 1, 0]) == pytest.approx(2.5 / 4)
+    assert roc_auc([3, 2, 1], [1, 1, 0]) == 1.0 and roc_auc([1, 2, 3], [1, 1, 0]) == 0.0
+    with pytest.raises(ValueError, match="both labels"):
+        roc_auc([1, 2], [1, 1])
+
+
+def test_score_aggregation_against_loops():
+    torch.manual_seed(0)
+    L, H, M, D = 3, 4, 5, 6
+    attn, u = torch.rand(L, H, M), torch.randn(L, H, M, D)
+    ref = torch.zeros(L, M)
+    for l in range(L):
+        for j in range(M):
+            ref[l, j] = sum(attn[l, h, j] * u[l, h, j] for h in range(H)).norm()
+    assert torch.allclose(value_weighted_scores(attn, u), ref, atol=1e-5)
+    assert torch.allclose(attention_scores(attn), attn.mean(1))
+    s = torch.tensor([[1.0, 2.0], [3.0, 6.0], [5.0, 1.0]])
+    assert aggregate_layers(s).tolist() == [3.0, 3.0] and aggregate_layers(s, "first").tolist() == [1.0, 2.0]
+    assert aggregate_layers(s, [1, 2]).tolist() == [4.0, 3.5] and aggregate_layers(s, "last").tolist() == [5.0, 1.0]
+    with pytest.raises(ValueError, match="layers"):
+        aggregate_layers(s, "middle")
+
+
+def _reference_scores(model, prefix, query, suffix):
+    """Independent: recompute A and x W_V W_O per layer from the modules, one unpadded query."""
+    ids = torch.tensor([prefix + query + suffix])
+    out = model(input_ids=ids, output_attentions=True, output_hidden_states=True)
+    cfg = model.config
+    H, KV = cfg.num_attention_heads, cfg.num_key_value_heads
+    d = cfg.hidden_size // H
+    read, span = ids.shape[1] - 1, range(len(prefix), len(prefix) + len(query))
+    att, val = [], []
+    for l, layer in enumerate(model.model.layers):
+        A = out.attentions[l][0, :, read]                                   # [H, T]
+        v = layer.self_attn.v_proj(layer.input_layernorm(out.hidden_states[l]))[0]   # [T, KV*d]
+        W = layer.self_attn.o_proj.weight                                   # [D, H*d]
+        att.append([float(A[:, j].mean()) for j in span])
+        val.append([float(sum(A[h, j] * (W[:, h * d:(h + 1) * d] @ v[j, (h // (H // KV)) * d:(h // (H // KV) + 1) * d])
+                              for h in range(H)).norm()) for j in span])
+    return torch.tensor(att).mean(0), torch.tensor(val).mean(0)
+
+
+def test_judge_worker_scores_match_an_independent_computation_and_counts_calls(ray_session, tiny_model_path):
+    from transformers import AutoModelForCausalLM
+
+    from actors.agser import JudgeWorker
+
+    judge = ray_session.remote(num_cpus=1)(JudgeWorker).remote(tiny_model_path, max_tokens=8)
+    try:
+        questions = ["What is 2 + 3?", "What is the capital of Zorvania, the old one?", "Who?"]
+        qids = [ray_session.get(judge.query_ids.remote(q)) for q in questions]
+        prefix, suffix = ray_session.get(judge.template_parts.remote())
+        batched = ray_session.get(judge.token_scores.remote(qids))                  # padded batch
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_path, attn_implementation="eager").eval()
+        with torch.no_grad():
+            for q, got in zip(qids, batched):
+                att, val = _reference_scores(model, prefix, q, suffix)
+                assert torch.allclose(got["attention"], att, atol=1e-5)
+                assert torch.allclose(got["value"], val, rtol=1e-4, atol=1e-5)
+        ray_session.get(judge.reset_calls.remote())
+        results = ray_session.get(judge.score.remote(questions))
+        calls = ray_session.get(judge.reset_calls.remote())
+        assert calls == {"generate": 3 + 3 * 2 * 2, "forward": 3}    # greedy + 2 re-queries x 2 variants
+        for r in results:
+            for v in ("attention", "value"):
+                assert -1.0 <= r[v]["score"] <= 1.0 and r[v]["score"] == pytest.approx(r[v]["r_att"] - r[v]["r_non_att"])
+                words = len(r["question"].split())
+                assert len(r[v]["x_att"].split()) == math.ceil(2 / 3 * words)   # whole words kept
+        # the rollout's own answer can be judged instead of a fresh greedy one: 1 generate fewer
+        ray_session.get(judge.score.remote(questions[:1], answers=["<answer> 5 </answer>"]))
+        assert ray_session.get(judge.reset_calls.remote()) == {"generate": 4, "forward": 1}
+    finally:
+        ray_session.kill(judge)
+
