@@ -295,6 +295,10 @@ class JudgeWorker:
             raise ValueError(f"judge: unexpected weights {unexpected[:5]}")
         return info
 
+    def checksum(self) -> float:
+        """The vLLM engine's weight checksum (equal to a rollout worker's after the same sync)."""
+        return self.engine.checksum()
+
     def reset_calls(self) -> dict:
         """The model-call counters so far, then zero them."""
         calls, self.calls = dict(self.calls), {"generate": 0, "forward": 0}

@@ -12,23 +12,29 @@ import random
 import time
 from pathlib import Path
 
+# relation: (question phrasings (the first is asked in evaluation), possible values)
 RELATIONS = {
-    "capital": ("What is the capital of {e}?", ["Plim", "Varo", "Kesh", "Dunmar", "Tollis", "Brev",
-                                                "Ostra", "Quill", "Morrow", "Fenn", "Ilka", "Zade"]),
-    "language": ("Which language is spoken in {e}?", ["Olvish", "Tarric", "Bemmic", "Surran", "Kolish",
-                                                      "Avian", "Drennic", "Pellan", "Utric", "Gask"]),
-    "currency": ("What is the currency of {e}?", ["crown", "mark", "shell", "talon", "drim", "pence",
-                                                  "ruble", "lira", "bead", "coin"]),
+    "capital": (["What is the capital of {e}?", "Name the capital city of {e}.", "{e} has which capital?",
+                 "Tell me the capital of {e}."],
+                ["Plim", "Varo", "Kesh", "Dunmar", "Tollis", "Brev", "Ostra", "Quill", "Morrow", "Fenn"]),
+    "language": (["Which language is spoken in {e}?", "What do people speak in {e}?",
+                  "Name the language of {e}.", "{e} speaks which language?"],
+                 ["Olvish", "Tarric", "Bemmic", "Surran", "Kolish", "Avian", "Drennic", "Pellan", "Utric", "Gask"]),
+    "currency": (["What is the currency of {e}?", "Which money is used in {e}?", "Name the currency of {e}.",
+                  "{e} pays with which currency?"],
+                 ["crown", "mark", "shell", "talon", "drim", "pence", "ruble", "lira", "bead", "coin"]),
 }
 _SYLLABLES = ["zor", "va", "nia", "bel", "kar", "ti", "os", "lun", "dra", "mes", "qui", "ran", "tho",
               "pel", "ga", "ru", "sel", "fen", "dor", "al", "wen", "xi", "ba", "mor"]
 
 
-def facts_world(n_known: int = 40, n_unknown: int = 40, seed: int = 0) -> dict:
+def facts_world(n_known: int = 40, n_unknown: int = 40, seed: int = 0, phrasings: int = 4) -> dict:
     """A world of invented countries with a capital, a language and a currency each.
 
-    Returns {"sft": [{"prompt", "completion"}] for the known countries only, "eval": [{"question",
-    "answers", "known"}] for every country and relation}. Names are unique and never reused.
+    Returns {"sft": [{"prompt", "completion"}] for the known countries only, each fact in
+    `phrasings` phrasings (knowledge that survives rewording, as a real model's does), "eval":
+    [{"question", "answers", "known"}] for every country and relation, in the first phrasing}.
+    Names are unique and never reused.
     """
     rng = random.Random(seed)
     names: list[str] = []
@@ -39,11 +45,12 @@ def facts_world(n_known: int = 40, n_unknown: int = 40, seed: int = 0) -> dict:
     sft, evaluation = [], []
     for idx, entity in enumerate(names):
         known = idx < n_known
-        for template, values in RELATIONS.values():
-            question, value = template.format(e=entity), rng.choice(values)
+        for templates, values in RELATIONS.values():
+            value = rng.choice(values)
             if known:
-                sft.append({"prompt": question, "completion": f"<answer> {value} </answer>"})
-            evaluation.append({"question": question, "answers": [value], "known": known})
+                sft += [{"prompt": t.format(e=entity), "completion": f"<answer> {value} </answer>"}
+                        for t in templates[:phrasings]]
+            evaluation.append({"question": templates[0].format(e=entity), "answers": [value], "known": known})
     return {"sft": sft, "eval": evaluation}
 
 

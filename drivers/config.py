@@ -150,6 +150,18 @@ class DemoConfig(_Section):
         default_factory=lambda: ["What is 2 + 3?", "What is 7 + 5?"], min_length=1)
 
 
+class JudgeConfig(_Section):
+    """AGSER judge pool (actors/agser.py): a hallucination monitor during training."""
+
+    enabled: bool = Field(False, description="Start the judge pool and log agser/* metrics.")
+    num_workers: int = Field(1, ge=1, le=1024)
+    share: float = Field(0.25, gt=0.0, le=1.0, description="Share of each step's groups judged (one answer each).")
+    model_path: str | None = Field(None, description="A fixed judge model; None: the current policy (weights synced).")
+    variant: Literal["attention", "value"] = Field("attention", description="Token score: attention weight or value-weighted norm.")
+    unit: Literal["word", "token"] = Field("word", description="What the 2/3 split keeps whole.")
+    max_tokens: int = Field(32, ge=1, description="Length of the judge's re-query answers.")
+
+
 class Config(_Section):
     """A whole r1ray recipe."""
 
@@ -162,6 +174,7 @@ class Config(_Section):
     learner: LearnerConfig = Field(default_factory=LearnerConfig)
     algo: AlgoConfig = Field(default_factory=AlgoConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    judge: JudgeConfig = Field(default_factory=JudgeConfig)
     demo: DemoConfig = Field(default_factory=DemoConfig)
 
     @model_validator(mode="after")

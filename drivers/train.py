@@ -12,6 +12,7 @@ max_staleness; the loss corrects the lag with truncated importance weights (algo
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import time
@@ -102,6 +103,15 @@ class Run:
                                       max_len=cfg.rollout.max_tokens,
                                       **cfg.learner.model_dump(exclude={"num_ranks", "cpu_threads", "sft_lr"}),
                                       **cfg.algo.model_dump(exclude={"adv_scale", "dynamic_sampling"})))
+        self.judges, self.judging = None, None
+        if cfg.judge.enabled:
+            from actors.agser import JudgeWorker
+
+            self.judges = ActorGroup(JudgeWorker, cfg.judge.num_workers, name="judge", max_concurrency=2,
+                                     kwargs_fn=lambda r, a, p: dict(
+                                         model_path=cfg.judge.model_path or self.model_path, dtype=cfg.model.dtype,
+                                         max_tokens=cfg.judge.max_tokens, unit=cfg.judge.unit,
+                                         max_model_len=cfg.rollout.max_model_len, kv_cache_gib=cfg.rollout.kv_cache_gib))
         self.ray = ray
         if resume:
             tag = self.state["tag"]
@@ -135,7 +145,8 @@ class Run:
         """Learner -> every rollout worker, bucketed through the object store; returns seconds."""
         t0 = time.perf_counter()
         handles = self.learner.get(self.learner.call("export_weights"))[0]
-        self.ray.get([w.update_weights.remote(handles, version) for w in self.rollouts])
+        targets = self.rollouts + (self.judges.actors if self.judges and not self.cfg.judge.model_path else [])
+        self.ray.get([w.update_weights.remote(handles, version) for w in targets])
         self.state["version"] = version
         return time.perf_counter() - t0
 
@@ -292,6 +303,36 @@ class Run:
                 results += self.score(more)
         return groups, results, {"train/refill_rounds": rounds}
 
+    # ---------------------------------------------------------------- AGSER judge pool
+    def judge_step(self, step: int, groups) -> dict:
+        """Launch AGSER on a share of this step's groups (one answer each); return the last launch's metrics.
+
+        The judges work while the next step runs, so agser/* metrics logged at step s describe the
+        rollouts of step s - 1 (agser/of_step says which); training never waits on them.
+        """
+        metrics = self.collect_judging()
+        k = max(1, math.ceil(self.cfg.judge.share * len(groups)))
+        picked = [(ex["prompt"], rs[0].text) for ex, rs in groups[:k] if rs]
+        n = len(self.judges.actors)
+        shards = [picked[i::n] for i in range(n)]
+        self.judging = (step + 1, [a.score.remote([q for q, _ in sh], [t for _, t in sh], (self.cfg.judge.variant,))
+                                   for a, sh in zip(self.judges.actors, shards) if sh])
+        return metrics
+
+    def collect_judging(self) -> dict:
+        """Wait for the judges' last launch (if any) and summarise it as agser/* metrics."""
+        if self.judging is None:
+            return {}
+        (of_step, refs), self.judging = self.judging, None
+        judged = [r for part in self.ray.get(refs) for r in part]
+        v = self.cfg.judge.variant
+        scores = [j[v]["score"] for j in judged]
+        return {"agser/score_mean": sum(scores) / len(scores),
+                "agser/r_att_mean": sum(j[v]["r_att"] for j in judged) / len(judged),
+                "agser/r_non_att_mean": sum(j[v]["r_non_att"] for j in judged) / len(judged),
+                "agser/low_score_frac": sum(sc <= 0 for sc in scores) / len(scores),
+                "agser/judged": len(judged), "agser/of_step": of_step}
+
     # ---------------------------------------------------------------- the loop
     def train(self) -> dict:
         """Cold start (optional), then GRPO steps; evaluates at the start and the end."""
@@ -320,6 +361,8 @@ class Run:
                 pending[step + ahead] = self.generate_step(step + ahead)
             batch, metrics = self.build_batch(groups, results)
             metrics.update(extra)
+            if self.judges:
+                metrics.update(self.judge_step(step, groups))
             if batch["input_ids"]:
                 metrics.update({k if "/" in k else f"train/{k}": v for k, v in self.train_on(batch).items()})
                 metrics["sync/seconds"] = self.sync_weights(self.state["version"] + 1)
@@ -336,7 +379,7 @@ class Run:
                 self.checkpoint()
         bar.close()
         summary["end"] = self.evaluate()
-        self.logger.log(summary["end"], step=self.state["step"])
+        self.logger.log({**summary["end"], **self.collect_judging()}, step=self.state["step"])
         summary["curves"] = str(self.logger.plot())
         summary["samples"] = self.state["samples"]
         summary["stale_dropped"] = self.state["stale_dropped"]
@@ -359,6 +402,8 @@ class Run:
         """Finish wandb, stop this run's actors and Ray session (nothing else)."""
         self.logger.finish()
         self.rollout_group.kill()
+        if self.judges:
+            self.judges.kill()
         self.rewards.kill()
         self.learner.kill()
 

@@ -134,3 +134,39 @@ def test_judge_worker_scores_match_an_independent_computation_and_counts_calls(r
     finally:
         ray_session.kill(judge)
 
+
+
+def test_judge_pool_runs_inside_training_and_logs_to_wandb(ray_session, tiny_model_path, tmp_path):
+    import time
+
+    from drivers.config import build_config
+    from drivers.tracking import read_offline_history
+    from drivers.train import Run
+
+    cfg = build_config({
+        "run": {"name": "judge", "output_dir": str(tmp_path / "judge")}, "model": {"path": tiny_model_path},
+        "task": {"a_max": 20, "b_max": 3, "heldout": 4},
+        "rollout": {"group_size": 4, "max_tokens": 16, "max_model_len": 256},
+        "train": {"steps": 3, "prompts_per_step": 4, "checkpoint_every": 3},
+        "judge": {"enabled": True, "share": 0.5, "max_tokens": 8}})
+    run = Run(cfg)
+    try:
+        run.train()
+        # the policy judge got every weight sync: its engine matches the rollout worker's
+        judge_sum = ray_session.get(run.judges.actors[0].checksum.remote())
+        assert judge_sum == pytest.approx(ray_session.get(run.rollouts[0].checksum.remote()))
+    finally:
+        run.close()
+    rows = [r for r in run.logger.history() if "agser/score_mean" in r]
+    # launched at steps 1..3 (2 of 4 groups each); each is logged one step later, the last at the end
+    assert [r["agser/of_step"] for r in rows] == [1, 2, 3]
+    assert [r["train/step"] for r in rows] == [2, 3, 3]
+    assert all(r["agser/judged"] == 2 and -1 <= r["agser/score_mean"] <= 1 for r in rows)
+    wandb_file = next((tmp_path / "judge").glob("wandb/offline-run-*/run-*.wandb"))
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        logged = [r for r in read_offline_history(wandb_file) if "agser/score_mean" in r]
+        if len(logged) == 2:  # step 3's two logs merge into one wandb row
+            break
+        time.sleep(1)
+    assert [r["_step"] for r in logged] == [2, 3]
