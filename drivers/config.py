@@ -132,6 +132,7 @@ class TrainConfig(_Section):
     eval_every: int = Field(0, ge=0, description="Greedy held-out accuracy every k steps (0: start and end only).")
     checkpoint_every: int = Field(10, ge=1)
     max_refill_rounds: int = Field(4, ge=0, description="Dynamic sampling: extra generation rounds per step.")
+    sync_timeout_s: float = Field(600.0, gt=0.0, description="A weight sync not done in this time is an error, not a hang.")
 
 
 class RunConfig(_Section):

@@ -105,10 +105,29 @@ class ActorGroup:
         addr, port = ray.get(ray.remote(num_cpus=0)(_node_ip_and_free_port)
                              .options(scheduling_strategy=on[0]).remote())
         remote_cls = ray.remote(cls)
-        self.actors = [remote_cls.options(num_cpus=num_cpus, num_gpus=num_gpus, scheduling_strategy=on[i],
-                                          max_concurrency=max_concurrency,
-                                          runtime_env={"env_vars": {**WORKER_ENV, **(env or {})}})
-                       .remote(**kwargs_fn(i, addr, port)) for i in range(n)]
+        self._options = [dict(num_cpus=num_cpus, num_gpus=num_gpus, scheduling_strategy=on[i],
+                              max_concurrency=max_concurrency,
+                              runtime_env={"env_vars": {**WORKER_ENV, **(env or {})}}) for i in range(n)]
+        self._kwargs = [kwargs_fn(i, addr, port) for i in range(n)]
+        self._remote_cls = remote_cls
+        self.actors = [remote_cls.options(**self._options[i]).remote(**self._kwargs[i]) for i in range(n)]
+        self.restarts = 0
+
+    def restart(self, i: int):
+        """Replace actor i (dead or alive) by a fresh one in the same bundle; returns the new handle.
+
+        For stateless workers and rollout workers (the caller re-syncs weights); not for ranks
+        of a collective group, whose peers would wait for the old rank.
+        """
+        import ray
+
+        try:
+            ray.kill(self.actors[i], no_restart=True)
+        except Exception:  # noqa: BLE001 - already gone
+            pass
+        self.actors[i] = self._remote_cls.options(**self._options[i]).remote(**self._kwargs[i])
+        self.restarts += 1
+        return self.actors[i]
 
     def call(self, method: str, *args, **kwargs) -> list:
         """Call `method` with the same arguments on every actor; returns ObjectRefs."""

@@ -22,6 +22,7 @@ import torch
 
 from actors.grpo import group_advantages, zero_variance_groups
 from drivers.config import Config
+from drivers.sft import sft_rows
 from drivers.tasks import (arithmetic_examples, load_jsonl, split_heldout, step_prompts,
                            worked_example)
 
@@ -142,13 +143,48 @@ class Run:
 
     # ---------------------------------------------------------------- weights
     def sync_weights(self, version: int) -> float:
-        """Learner -> every rollout worker, bucketed through the object store; returns seconds."""
+        """Learner -> every rollout worker (and policy judge), bucketed through the object store.
+
+        A worker that died is replaced and loaded with the same weights; a transfer that does not
+        finish within train.sync_timeout_s raises TimeoutError instead of hanging. Returns seconds.
+        """
         t0 = time.perf_counter()
         handles = self.learner.get(self.learner.call("export_weights"))[0]
-        targets = self.rollouts + (self.judges.actors if self.judges and not self.cfg.judge.model_path else [])
-        self.ray.get([w.update_weights.remote(handles, version) for w in targets])
+        groups = [self.rollout_group] + ([self.judges] if self.judges and not self.cfg.judge.model_path else [])
+        calls = [(g, i, g.actors[i].update_weights.remote(handles, version))
+                 for g in groups for i in range(len(g.actors))]
+        for g, i, ref in calls:
+            try:
+                self._get_within(ref, t0, f"weight sync (version {version}) to {g.name} worker {i}")
+            except self.ray.exceptions.RayActorError:
+                self._restart(g, i)
+                self._get_within(g.actors[i].update_weights.remote(handles, version), t0,
+                                 f"weight sync (version {version}) to restarted {g.name} worker {i}")
         self.state["version"] = version
         return time.perf_counter() - t0
+
+    def _get_within(self, ref, t0: float, what: str):
+        limit = self.cfg.train.sync_timeout_s
+        try:
+            return self.ray.get(ref, timeout=max(0.0, limit - (time.perf_counter() - t0)))
+        except self.ray.exceptions.GetTimeoutError:
+            raise TimeoutError(f"{what} did not finish within train.sync_timeout_s={limit} s") from None
+
+    def _restart(self, group, i: int):
+        """Replace a dead worker of `group` and wait until it is up (its engine started)."""
+        print(f"{group.name} worker {i} died: restarting it", flush=True)
+        actor = group.restart(i)
+        self.state["restarts"] = self.state.get("restarts", 0) + 1
+        if hasattr(actor, "info"):
+            self.ray.get(actor.info.remote())
+        return actor
+
+    def _restart_rollout(self, i: int):
+        """A fresh rollout worker i, loaded with the current policy version's weights."""
+        actor = self._restart(self.rollout_group, i)
+        handles = self.learner.get(self.learner.call("export_weights"))[0]
+        self.ray.get(actor.update_weights.remote(handles, self.state["version"]))
+        return actor
 
     # ---------------------------------------------------------------- rollouts and rewards
     def launch_generation(self, examples: list[dict], seed: int, **sampling) -> list:
@@ -156,18 +192,28 @@ class Run:
         n = sampling.pop("n", self.cfg.rollout.group_size)
         k = len(self.rollouts)
         shards = [examples[i::k] for i in range(k)]
-        refs = [w.generate.remote([e["prompt"] for e in shard], n=n, seed=seed + 100_003 * i, **sampling)
-                if shard else None for i, (w, shard) in enumerate(zip(self.rollouts, shards))]
-        return refs, shards
+        calls = [dict(prompts=[e["prompt"] for e in shard], n=n, seed=seed + 100_003 * i, **sampling)
+                 for i, shard in enumerate(shards)]
+        refs = [w.generate.remote(**c) if shard else None
+                for w, c, shard in zip(self.rollouts, calls, shards)]
+        return refs, shards, calls
 
     def collect(self, launched) -> list[tuple[dict, list]]:
-        """[(example, its group of rollouts)] in launch order."""
-        refs, shards = launched
+        """[(example, its group of rollouts)] in launch order.
+
+        If a rollout worker died, it is replaced (current weights) and its prompts are generated
+        again with the same seeds: no group is lost and none is counted twice.
+        """
+        refs, shards, calls = launched
         groups = []
-        for ref, shard in zip(refs, shards):
+        for i, (ref, shard, call) in enumerate(zip(refs, shards, calls)):
             if ref is None:
                 continue
-            rollouts = self.ray.get(ref)
+            try:
+                rollouts = self.ray.get(ref)
+            except self.ray.exceptions.RayActorError:
+                self.state["requeued_prompts"] = self.state.get("requeued_prompts", 0) + len(shard)
+                rollouts = self.ray.get(self._restart_rollout(i).generate.remote(**call))
             per = len(rollouts) // max(len(shard), 1)
             groups += [(ex, rollouts[j * per:(j + 1) * per]) for j, ex in enumerate(shard)]
         return groups
@@ -177,8 +223,14 @@ class Run:
         flat = [(r.text, ex["answer"], len(r.completion_ids)) for ex, rs in groups for r in rs]
         k = len(self.rewards.actors)
         shards = [flat[i::k] for i in range(k)]
-        outs = self.rewards.get(self.rewards.call_each(
-            "score", [([c for c, _, _ in s], [a for _, a, _ in s], [n for _, _, n in s]) for s in shards]))
+        args = [([c for c, _, _ in s], [a for _, a, _ in s], [n for _, _, n in s]) for s in shards]
+        refs = self.rewards.call_each("score", args)
+        outs = []
+        for i, ref in enumerate(refs):
+            try:
+                outs.append(self.ray.get(ref))
+            except self.ray.exceptions.RayActorError:  # a dead verifier: replace it, score its shard again
+                outs.append(self.ray.get(self._restart(self.rewards, i).score.remote(*args[i])))
         results = [None] * len(flat)
         for i, out in enumerate(outs):
             results[i::k] = out
@@ -208,14 +260,8 @@ class Run:
         last = {}
         for s in tqdm(range(cfg.train.sft_steps), desc="cold-start SFT", unit="step"):
             examples = step_prompts(self.train_set, s, cfg.train.sft_batch_size, cfg.seed + 7)
-            rows, plens = [], []
-            for ex in examples:
-                prompt = self.tokenizer.apply_chat_template([{"role": "user", "content": ex["prompt"]}],
-                                                            add_generation_prompt=True, tokenize=True,
-                                                            return_dict=False)
-                completion = self.tokenizer.encode(" " + worked_example(ex), add_special_tokens=False)
-                rows.append(list(prompt) + completion + [self.tokenizer.eos_token_id])
-                plens.append(len(prompt))
+            rows, plens = sft_rows(self.tokenizer, [{"prompt": ex["prompt"], "completion": worked_example(ex)}
+                                                    for ex in examples])
             last = self.learner.get(self.learner.call_each(
                 "sft_step", [({"input_ids": rows[i::len(self.learner.actors)],
                                "prompt_lens": plens[i::len(self.learner.actors)]},)
@@ -396,7 +442,9 @@ class Run:
                 "rollout/truncated_frac": sum(r.finish_reason == "length" for r in rs) / max(len(rs), 1),
                 "perf/step_seconds": step_s, "perf/generate_seconds": gen_s,
                 "perf/samples_per_s": len(rs) / step_s, "perf/tokens_per_s": sum(lengths) / step_s,
-                "train/policy_version": self.state["version"], "train/samples_total": self.state["samples"]}
+                "train/policy_version": self.state["version"], "train/samples_total": self.state["samples"],
+                "fault/restarts": self.state.get("restarts", 0),
+                "fault/requeued_prompts": self.state.get("requeued_prompts", 0)}
 
     def close(self) -> None:
         """Finish wandb, stop this run's actors and Ray session (nothing else)."""
