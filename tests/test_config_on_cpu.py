@@ -92,3 +92,43 @@ def test_reward_section_validates_component_names_and_ranges():
         build_config({}, ["reward.timeout_s=0"])
     with pytest.raises(ConfigError, match="overlong_cache_len"):
         build_config({}, ["reward.overlong_cache_len=1000"])
+
+
+def _leaf_fields(model, prefix=""):
+    """(dotted name, FieldInfo) of every leaf field of the schema, walking the sections."""
+    from pydantic import BaseModel
+
+    for name, info in model.model_fields.items():
+        ann = info.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            yield from _leaf_fields(ann, f"{prefix}{name}.")
+        else:
+            yield f"{prefix}{name}", info
+
+
+def _nest(dotted, value):
+    out = value
+    for key in reversed(dotted.split(".")):
+        out = {key: out}
+    return out
+
+
+@pytest.mark.parametrize("dotted,info", list(_leaf_fields(Config)), ids=lambda x: x if isinstance(x, str) else "")
+def test_every_field_rejects_a_bad_value_and_names_the_field(dotted, info):
+    """Generated from the schema itself: no field can be added without a checked error path."""
+    import typing
+
+    from annotated_types import Ge, Gt, Le, Lt
+
+    origin = typing.get_origin(info.annotation)
+    wrong_type = 42 if origin is dict else {"not": {"a": "value"}}
+    with pytest.raises(ConfigError) as e:
+        build_config(_nest(dotted, wrong_type))
+    assert dotted in str(e.value)
+    for bound in info.metadata:           # every numeric bound is enforced and reported
+        bad = {Ge: lambda b: b.ge - 1, Gt: lambda b: b.gt, Le: lambda b: b.le + 1, Lt: lambda b: b.lt}.get(type(bound))
+        if bad is None:
+            continue
+        with pytest.raises(ConfigError) as e:
+            build_config(_nest(dotted, bad(bound)))
+        assert dotted in str(e.value) and "got" in str(e.value)
