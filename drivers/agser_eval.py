@@ -147,6 +147,9 @@ def run_agser_eval(model: str, data: str, *, n_samples: int = 20, max_tokens: in
         out["calls_per_query"]["self_consistency"]
     out["seconds"] = {"agser_both_variants": round(agser_s, 2), "self_consistency": round(base_s, 2),
                       "total": round(time.perf_counter() - t0, 1)}
+    out["per_row"] = [{"label": y, "known": r.get("known"), "attention": a["attention"]["score"],
+                       "value": a["value"]["score"], "self_consistency": b["score"]}
+                      for a, b, y, r in zip(agser, baseline, labels, rows)]
     out["examples"] = [{"question": a["question"], "label": y, "answer": a["answer"],
                         "x_att": a["attention"]["x_att"], "y_att": a["attention"]["y_att"],
                         "x_non_att": a["attention"]["x_non_att"], "y_non_att": a["attention"]["y_non_att"],

@@ -170,3 +170,26 @@ def test_judge_pool_runs_inside_training_and_logs_to_wandb(ray_session, tiny_mod
             break
         time.sleep(1)
     assert [r["_step"] for r in logged] == [2, 3]
+
+
+def test_agser_rows_and_facts_world(tmp_path):
+    from drivers.agser_eval import facts_world, load_agser_rows, matches
+
+    path = tmp_path / "qa.jsonl"
+    path.write_bytes(b"\n".join([
+        b'{"question": "What is the capital of Pelvadra?", "answers": ["Kesh"]}',
+        b'{"question": "", "answers": ["x"]}',
+        b'{"question": "No answers?", "answers": []}',
+        b'\xff\xfe',
+        b'{"question": "Bad answers", "answers": [1]}',
+    ]))
+    rows, skipped = load_agser_rows(path)
+    assert len(rows) == 1 and [n for n, _ in skipped] == [2, 3, 4, 5]
+    assert matches(" <answer>  kesh </answer>", ["Kesh"]) and not matches("<answer> Kes </answer>", ["Kesh"])
+    world = facts_world(n_known=3, n_unknown=2, seed=1, phrasings=4)
+    assert len(world["sft"]) == 3 * 3 * 4 and len(world["eval"]) == 5 * 3
+    known = {r["question"] for r in world["eval"] if r["known"]}
+    assert known <= {r["prompt"] for r in world["sft"]}                  # evaluated phrasing was trained
+    unknown = [r["question"] for r in world["eval"] if not r["known"]]
+    names = {q.rsplit(" ", 1)[-1].rstrip("?") for q in unknown}
+    assert not any(n in r["prompt"] for n in names for r in world["sft"])   # never seen in training
