@@ -1,0 +1,128 @@
+"""r1ray (sync and async) vs TRL's GRPOTrainer on the tiny config, in one run.
+
+    make bench-trl            # installs TRL (benchmarks/requirements-trl.txt, within the pins), runs this
+    .venv/bin/python benchmarks/trl_vs_r1ray.py [--steps 12] [--sft-steps 150]
+
+All three start from the same cold-start checkpoint (one r1ray SFT run) and train `--steps` GRPO
+steps with the same prompts in the same order, G, completion length, temperature, learning rate
+(constant, no warmup), clip range (0.2 / 0.28), beta 0, token-mean loss and the same reward
+function (actors/rewards.py: accuracy + 0.2 format). TRL generates with transformers (its CPU
+path; TRL's vLLM modes need CUDA) and gets both cores; r1ray gives its rollout engine and its
+learner one core each. Prints JSON: completions/s and seconds per step of each, final reward
+(mean over the last third of the steps) and the ratios against the goal (r1ray >= 3x TRL).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def run_trl(base: dict, start: str, out: Path, steps: int, threads: int) -> dict:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from actors.rewards import score_one
+    from drivers.config import build_config
+    from drivers.tasks import step_prompts
+    from drivers.train import load_task
+
+    torch.set_num_threads(threads)
+    cfg = build_config(base)
+    train_set, _, _ = load_task(cfg)
+    P, G = cfg.train.prompts_per_step, cfg.rollout.group_size
+    # r1ray's data order: step s trains on step_prompts(train_set, s, P, seed)
+    rows = [ex for s in range(steps) for ex in step_prompts(train_set, s, P, cfg.seed)]
+    data = Dataset.from_list([{"prompt": [{"role": "user", "content": ex["prompt"]}], "answer": ex["answer"]}
+                              for ex in rows])
+    weights = dict(cfg.reward.weights)
+
+    def reward(completions, answer, **_):
+        return [score_one(c[0]["content"], a, weights=weights).reward for c, a in zip(completions, answer)]
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.seconds, self.t0 = [], None
+
+        def on_step_begin(self, args, state, control, **kw):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            self.seconds.append(time.perf_counter() - self.t0)
+
+    args = GRPOConfig(
+        output_dir=str(out / "trl"), max_steps=steps, learning_rate=cfg.learner.lr, lr_scheduler_type="constant",
+        warmup_steps=0, per_device_train_batch_size=P * G, gradient_accumulation_steps=1, num_generations=G,
+        max_completion_length=cfg.rollout.max_tokens, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
+        beta=0.0, epsilon=cfg.algo.eps_low, epsilon_high=cfg.algo.eps_high, loss_type="dapo",
+        shuffle_dataset=False, logging_steps=1, report_to="none", save_strategy="no", use_cpu=True,
+        seed=cfg.seed, bf16=False, max_grad_norm=cfg.learner.grad_clip, adam_epsilon=cfg.learner.adam_eps)
+    timer = StepTimer()
+    trainer = GRPOTrainer(model=start, reward_funcs=[reward], args=args, train_dataset=data,
+                          processing_class=AutoTokenizer.from_pretrained(start), callbacks=[timer])
+    t0 = time.perf_counter()
+    trainer.train()
+    wall = time.perf_counter() - t0
+    logs = [h for h in trainer.state.log_history if "reward" in h]
+    tail = logs[-max(1, len(logs) // 3):]
+    rl_time = sum(timer.seconds)
+    return {"samples_per_s": round(steps * P * G / rl_time, 2), "rl_seconds": round(rl_time, 1),
+            "seconds_per_step": round(rl_time / steps, 2), "wall_seconds": round(wall, 1),
+            "final_reward": round(statistics.mean(h["reward"] for h in tail), 4), "threads": threads}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="configs/tiny.yaml")
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--sft-steps", type=int, default=150)
+    a = ap.parse_args()
+    try:
+        import trl  # noqa: F401
+    except ImportError:
+        sys.exit("TRL is a benchmark-only dependency: run `make bench-trl` (installs benchmarks/requirements-trl.txt)")
+    import os
+
+    import ray
+    import yaml
+
+    from async_vs_sync import run_mode
+    from drivers.config import build_config
+    from drivers.train import Run
+
+    base = yaml.safe_load(Path(a.config).read_text())
+    base.setdefault("learner", {})["warmup_steps"] = 0
+    threads = ["rollout.cpu_threads=1", "learner.cpu_threads=1"]
+    out = Path(tempfile.mkdtemp(prefix="r1ray_trl_"))
+    sft = build_config(base, threads + ["train.steps=0", f"run.output_dir={out / 'sft'}", "run.wandb_mode=disabled",
+                                        f"train.sft_steps={a.sft_steps}"])
+    run = Run(sft)
+    try:
+        run.train()
+        run.checkpoint()
+    finally:
+        run.close()
+    start = str(out / "sft" / "checkpoints" / "hf")
+    try:
+        result = {m: run_mode(base, threads, out, m, start, a.steps) for m in ("sync", "async")}
+    finally:
+        ray.shutdown()
+    for m in result.values():
+        m["seconds_per_step"] = round(m["rl_seconds"] / a.steps, 2)
+    result["trl"] = run_trl(base, start, out, a.steps, threads=os.cpu_count() or 1)
+    trl_rate = result["trl"]["samples_per_s"]
+    ratios = {f"r1ray_{m}_over_trl": round(result[m]["samples_per_s"] / trl_rate, 2) for m in ("sync", "async")}
+    print(json.dumps({"device": "cpu", "steps": a.steps, "sft_steps": a.sft_steps, **result, **ratios,
+                      "goal_min": 3.0, "meets_goal": max(ratios.values()) >= 3.0}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
