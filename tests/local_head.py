@@ -54,6 +54,10 @@ class LocalRayHead:
                f"--dashboard-port={self.dashboard_port}", "--dashboard-host=127.0.0.1",
                "--include-dashboard=true", f"--num-cpus={self.num_cpus}", "--num-gpus=0",
                f"--object-store-memory={512 * 1024**2}", f"--temp-dir={self.tmp}", "--disable-usage-stats"]
+        # every other port free too: another Ray on this machine (the test session's own) holds the defaults
+        cmd += [f"--{name}={_free_port()}" for name in (
+            "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
+            "runtime-env-agent-port", "node-manager-port", "object-manager-port", "ray-client-server-port")]
         if self.autoscaling is not None:
             ip = _node_ip()
             config = json.loads(json.dumps(self.autoscaling))
@@ -143,12 +147,20 @@ class LocalRayHead:
 
     def submit(self, entrypoint: list[str], timeout_s: float,
                working_dir: str | None = None) -> tuple[str, subprocess.CompletedProcess]:
-        """`ray job submit` (blocking, tails the logs); returns (job id, the CLI's result)."""
-        job_id = f"r1ray_test_{int(time.time() * 1000)}"
-        cmd = [str(VENV_BIN / "ray"), "job", "submit", "--address", self.address, "--submission-id", job_id,
-               *(["--working-dir", working_dir] if working_dir else []), "--", *entrypoint]
-        result = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=timeout_s, cwd=ROOT)
-        return job_id, result
+        """`ray job submit` (blocking, tails the logs); returns (job id, the CLI's result).
+
+        The head's job agent registers a little after the dashboard answers; until then the
+        submit is refused ("No available agent"), so that refusal is retried for up to a minute.
+        """
+        deadline = time.time() + 60
+        while True:
+            job_id = f"r1ray_test_{int(time.time() * 1000)}"
+            cmd = [str(VENV_BIN / "ray"), "job", "submit", "--address", self.address, "--submission-id", job_id,
+                   *(["--working-dir", working_dir] if working_dir else []), "--", *entrypoint]
+            result = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=timeout_s, cwd=ROOT)
+            if "No available agent" not in result.stderr + result.stdout or time.time() > deadline:
+                return job_id, result
+            time.sleep(2)
 
     def job(self, job_id: str) -> tuple[str, str]:
         """(status, logs) of a submitted job."""

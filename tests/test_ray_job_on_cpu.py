@@ -20,6 +20,7 @@ def test_ray_job_submit_runs_r1ray_train_to_success(tmp_path):
              "train.eval_every=0", "train.checkpoint_every=2", "rollout.max_tokens=24"]
     with LocalRayHead(num_cpus=4) as head:
         job_id, cli = head.submit(entry, timeout_s=600, working_dir=str(ROOT))
+        assert cli.returncode == 0, (cli.stdout[-3000:], cli.stderr[-3000:])
         status, logs = head.job(job_id)
         assert cli.returncode == 0 and status == "SUCCEEDED", (status, cli.stdout[-3000:], cli.stderr[-3000:])
         pids = set(head.pids)
@@ -78,6 +79,7 @@ def test_autoscaler_adds_a_gpu_node_for_a_job_and_removes_it_when_idle():
     with LocalRayHead(num_cpus=2, autoscaling=FAKE_CLUSTER) as head:
         assert len(head.nodes()) == 1
         job_id, cli = head.submit(["python", "-c", GPU_JOB], timeout_s=300)
+        assert cli.returncode == 0, (cli.stdout[-3000:], cli.stderr[-3000:], head.start_log()[-2000:])
         status, logs = head.job(job_id)
         assert cli.returncode == 0 and status == "SUCCEEDED", (status, logs[-3000:], head.start_log()[-2000:])
         placed = json.loads(next(line[len("PLACED "):] for line in logs.splitlines()

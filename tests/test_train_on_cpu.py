@@ -164,8 +164,9 @@ def test_faults_workers_die_sync_stalls_learner_crashes_and_nothing_is_lost(unin
         run.train()
         assert run.state["restarts"] == 2 and run.state["requeued_prompts"] == 4
         # fault 3: a weight sync that cannot finish (the engine is busy; mode "finish" waits)
-        busy = run.rollouts[0].generate.remote(["What is 1 + 1?"], n=8, max_tokens=120, ignore_eos=True)
-        time.sleep(0.5)
+        busy = run.rollouts[0].generate.remote(["What is 1 + 1?"], n=64, max_tokens=150, ignore_eos=True)
+        while ray_session.get(run.rollouts[0].num_in_flight.remote()) == 0:
+            time.sleep(0.05)
         run.cfg.train.sync_timeout_s = 0.5
         t0 = time.perf_counter()
         with pytest.raises(TimeoutError, match="sync_timeout_s=0.5"):
