@@ -44,9 +44,15 @@ def run_trl(base: dict, start: str, out: Path, steps: int, threads: int) -> dict
     data = Dataset.from_list([{"prompt": [{"role": "user", "content": ex["prompt"]}], "answer": ex["answer"]}
                               for ex in rows])
     weights = dict(cfg.reward.weights)
+    tokenizer = AutoTokenizer.from_pretrained(start)
+    drop = {tokenizer.eos_token_id, tokenizer.pad_token_id}
 
-    def reward(completions, answer, **_):
-        return [score_one(c[0]["content"], a, weights=weights).reward for c, a in zip(completions, answer)]
+    def reward(completions, answer, completion_ids, **_):
+        # TRL decodes completions with skip_special_tokens=True, which strips <think>/<answer>:
+        # score the same text r1ray scores (special tokens kept, the stop token not)
+        texts = [tokenizer.decode([t for t in ids if t not in drop], skip_special_tokens=False)
+                 for ids in completion_ids]
+        return [score_one(t, a, weights=weights).reward for t, a in zip(texts, answer)]
 
     class StepTimer(TrainerCallback):
         def __init__(self):
@@ -67,7 +73,7 @@ def run_trl(base: dict, start: str, out: Path, steps: int, threads: int) -> dict
         seed=cfg.seed, bf16=False, max_grad_norm=cfg.learner.grad_clip, adam_epsilon=cfg.learner.adam_eps)
     timer = StepTimer()
     trainer = GRPOTrainer(model=start, reward_funcs=[reward], args=args, train_dataset=data,
-                          processing_class=AutoTokenizer.from_pretrained(start), callbacks=[timer])
+                          processing_class=tokenizer, callbacks=[timer])
     t0 = time.perf_counter()
     trainer.train()
     wall = time.perf_counter() - t0

@@ -8,6 +8,7 @@
     r1ray eval --model PATH --data F.jsonl [--k 8]     pass@1 (mean of k), pass@k, cons@k, length
     r1ray agser-eval --model PATH --data F.jsonl      AUC of AGSER hallucination scores vs a baseline
     r1ray facts-world --out DIR                       write the facts world (sft.jsonl, eval.jsonl)
+    r1ray pipeline CONFIG [a.b=value ...]             the R1 stages, each feeding the next (resumable)
 
 Runs unchanged under `ray job submit -- r1ray ...` (ray.init() joins the job's cluster).
 """
@@ -73,6 +74,16 @@ def _cmd_train(args) -> int:
     from drivers.train import run_training
 
     run_training(cfg, resume=args.resume)
+    return 0
+
+
+def _cmd_pipeline(args) -> int:
+    cfg = load_config(args.config, args.overrides)  # fails here, before any actor starts
+    from drivers.pipeline import Pipeline, format_stage_table
+
+    result = Pipeline(cfg).run()
+    print(format_stage_table(result["eval"]))
+    print(json.dumps(result["eval"]))
     return 0
 
 
@@ -142,7 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, fn, help_ in [("train", _cmd_train, "GRPO training (configs/tiny.yaml: the embedded default)"),
                             ("sample", _cmd_sample, "sample R1-template answers with vLLM on Ray"),
-                            ("show-config", _cmd_show_config, "print the validated config")]:
+                            ("show-config", _cmd_show_config, "print the validated config"),
+                            ("pipeline", _cmd_pipeline, "the R1 stages: zero, cold start, reasoning RL, "
+                                                        "rejection sampling + SFT, distillation")]:
         q = sub.add_parser(name, help=help_)
         q.add_argument("config", help="YAML recipe, e.g. configs/tiny.yaml")
         q.add_argument("overrides", nargs="*", help="a.b=value overrides")

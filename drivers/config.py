@@ -28,7 +28,7 @@ class ModelConfig(_Section):
 
     path: str | None = Field(
         None, description="HF checkpoint directory. None: build `preset` under run.output_dir/model.")
-    preset: Literal["tiny", "small", "qwen2.5-0.5b-arch"] = Field(
+    preset: Literal["micro", "tiny", "small", "qwen2.5-0.5b-arch"] = Field(
         "tiny", description="Embedded random-init model built when path is None.")
     dtype: Literal["float32", "bfloat16"] = Field(
         "float32", description="float32 keeps engine/learner logprobs within 1e-3 on CPU.")
@@ -163,6 +163,32 @@ class JudgeConfig(_Section):
     max_tokens: int = Field(32, ge=1, description="Length of the judge's re-query answers.")
 
 
+class PipelineConfig(_Section):
+    """`r1ray pipeline`: the R1 stages (drivers/pipeline.py), run in this order."""
+
+    stages: list[Literal["zero", "cold_start", "reasoning_rl", "rejection_sampling", "distill"]] = Field(
+        default_factory=lambda: ["zero", "cold_start", "reasoning_rl", "rejection_sampling", "distill"])
+    zero_steps: int = Field(10, ge=1, description="GRPO steps of R1-Zero (from the base model).")
+    cold_start_steps: int = Field(200, ge=1, description="SFT steps on cold-start demonstrations.")
+    reasoning_rl_steps: int = Field(20, ge=1)
+    rejection_prompts: int = Field(256, ge=1, description="Training prompts sampled for rejection sampling.")
+    rejection_k: int = Field(8, ge=1, description="Samples per prompt.")
+    rejection_epochs: float = Field(2.0, gt=0.0, description="SFT epochs over the kept samples (R1: 2).")
+    student_preset: Literal["micro", "tiny", "small", "qwen2.5-0.5b-arch"] = Field("micro")
+    distill_steps: int = Field(200, ge=1, description="SFT steps of the student (and of its no-teacher twin).")
+    sft_batch_size: int = Field(32, ge=1)
+    sft_lr: float = Field(1e-3, gt=0.0, le=1.0)
+    sft_warmup_steps: int = Field(10, ge=0)
+    eval_k: int = Field(4, ge=1, description="Samples per held-out prompt in the stage table.")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "PipelineConfig":
+        order = ["zero", "cold_start", "reasoning_rl", "rejection_sampling", "distill"]
+        if self.stages != sorted(self.stages, key=order.index) or len(set(self.stages)) != len(self.stages):
+            raise ValueError(f"pipeline.stages must be distinct and in the order {order}, got {self.stages}")
+        return self
+
+
 class Config(_Section):
     """A whole r1ray recipe."""
 
@@ -176,6 +202,7 @@ class Config(_Section):
     algo: AlgoConfig = Field(default_factory=AlgoConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     judge: JudgeConfig = Field(default_factory=JudgeConfig)
+    pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
     demo: DemoConfig = Field(default_factory=DemoConfig)
 
     @model_validator(mode="after")

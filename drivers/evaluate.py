@@ -55,13 +55,18 @@ def summarize_eval(per_prompt: list[list[dict]], ks: list[int]) -> dict:
     lengths = [s["length"] for p in per_prompt for s in p]
     out["mean_length"] = sum(lengths) / max(len(lengths), 1)
     out["format"] = sum(s.get("format", 0.0) for p in per_prompt for s in p) / max(len(lengths), 1)
+    out["language"] = sum(s.get("language", 1.0) for p in per_prompt for s in p) / max(len(lengths), 1)
     return out
 
 
 def run_eval(model: str, data: str, *, k: int = 8, temperature: float = 0.6, top_p: float = 0.95,
              max_tokens: int = 256, limit: int | None = None, seed: int = 0, dtype: str = "float32",
-             max_model_len: int = 2048, verifier_timeout_s: float = 5.0) -> dict:
-    """Sample k answers per prompt of `data` ({"prompt", "answer"} jsonl) and compute the metrics."""
+             max_model_len: int = 2048, verifier_timeout_s: float = 5.0, layout: str = "r1",
+             target_language: str = "en") -> dict:
+    """Sample k answers per prompt of `data` ({"prompt", "answer"} jsonl) and compute the metrics.
+
+    layout: the format the format rate checks ("r1" or "cold_start").
+    """
     import ray
 
     from actors.rewards import RewardWorker, extract_answer
@@ -80,8 +85,9 @@ def run_eval(model: str, data: str, *, k: int = 8, temperature: float = 0.6, top
     cfg = build_config({"model": {"dtype": dtype}, "rollout": {
         "temperature": temperature, "top_p": top_p, "max_tokens": max_tokens, "max_model_len": max_model_len}})
     worker = rollout_worker_actor(model, cfg)
-    scorer = ray.remote(num_cpus=1)(RewardWorker).remote(timeout_s=verifier_timeout_s,
-                                                          weights={"accuracy": 1.0, "format": 0.0})
+    scorer = ray.remote(num_cpus=1)(RewardWorker).remote(timeout_s=verifier_timeout_s, layout=layout,
+                                                          target_language=target_language,
+                                                          weights={"accuracy": 1.0, "format": 0.0, "language": 0.0})
     try:
         rollouts = ray.get(worker.generate.remote([e["prompt"] for e in examples], n=k, seed=seed))
         results = ray.get(scorer.score.remote([r.text for r in rollouts],
@@ -94,7 +100,8 @@ def run_eval(model: str, data: str, *, k: int = 8, temperature: float = 0.6, top
         per_prompt[r.prompt_index].append({
             "correct": res.status == "ok" and res.components.get("accuracy", 0.0) == 1.0,
             "answer": extract_answer(r.text), "length": len(r.completion_ids),
-            "format": res.components.get("format", 0.0), "status": res.status})
+            "format": res.components.get("format", 0.0), "language": res.components.get("language", 1.0),
+            "status": res.status})
     ks = sorted({1, *[x for x in (2, 4, 8, 16, 32, 64) if x <= k], k})
     out = summarize_eval(per_prompt, [x for x in ks if x > 1])
     out.update(verifier_failures=sum(s["status"] != "ok" for p in per_prompt for s in p),

@@ -42,6 +42,10 @@ R1_CHAT_TEMPLATE = (
 # Presets. vLLM's CPU attention accepts head_dim 32, 64, 80, 96, 112, 128 only, and its qwen2
 # ignores config.head_dim, so hidden_size / num_attention_heads must be one of those.
 PRESETS: dict[str, dict] = {
+    # ~0.7M parameters: the distillation student of the tiny pipeline.
+    "micro": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=2048,
+                  tie_word_embeddings=True, rope_theta=10000.0, rms_norm_eps=1e-6),
     # ~3.3M parameters: fast enough to sample and train on 2 CPU cores.
     # 8 heads of 32 dims: with 4 heads of 64 it took ~3x more SFT steps to learn to copy digits.
     "tiny": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4,

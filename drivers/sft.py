@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -58,7 +59,8 @@ def run_sft(model: str, data: str, out: str, *, epochs: float = 2.0, batch_size:
                        kwargs_fn=lambda r, addr, port: dict(
                            model_path=model, rank=r, world_size=num_ranks, master_addr=addr, master_port=port,
                            zero_stage=zero_stage, dtype=dtype, lr=lr, warmup_steps=warmup_steps, seed=seed,
-                           micro_batch_tokens=micro_batch_tokens, cpu_threads=1 if not cuda else 4))
+                           micro_batch_tokens=micro_batch_tokens,
+                           cpu_threads=max(1, (os.cpu_count() or 1) // num_ranks) if not cuda else 4))
     history = []
     try:
         bar = tqdm(range(steps), desc="sft", unit="step")

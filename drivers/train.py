@@ -360,17 +360,30 @@ class Run:
         k = max(1, math.ceil(self.cfg.judge.share * len(groups)))
         picked = [(ex["prompt"], rs[0].text) for ex, rs in groups[:k] if rs]
         n = len(self.judges.actors)
-        shards = [picked[i::n] for i in range(n)]
-        self.judging = (step + 1, [a.score.remote([q for q, _ in sh], [t for _, t in sh], (self.cfg.judge.variant,))
-                                   for a, sh in zip(self.judges.actors, shards) if sh])
+        shards = [([q for q, _ in picked[i::n]], [t for _, t in picked[i::n]], (self.cfg.judge.variant,))
+                  for i in range(n)]
+        self.judging = (step + 1, [a.score.remote(*sh) if sh[0] else None for a, sh in zip(self.judges.actors, shards)],
+                        shards)
         return metrics
 
     def collect_judging(self) -> dict:
         """Wait for the judges' last launch (if any) and summarise it as agser/* metrics."""
         if self.judging is None:
             return {}
-        (of_step, refs), self.judging = self.judging, None
-        judged = [r for part in self.ray.get(refs) for r in part]
+        (of_step, refs, shards), self.judging = self.judging, None
+        judged = []
+        for i, (ref, shard) in enumerate(zip(refs, shards)):
+            if ref is None:
+                continue
+            try:
+                judged += self.ray.get(ref)
+            except self.ray.exceptions.RayActorError:  # a dead judge: replace it, judge its shard again
+                judge = self._restart(self.judges, i)
+                if not self.cfg.judge.model_path:
+                    handles = self.learner.get(self.learner.call("export_weights"))[0]
+                    self.ray.get(judge.update_weights.remote(handles, self.state["version"]))
+                self.state["requeued_prompts"] = self.state.get("requeued_prompts", 0) + len(shard)
+                judged += self.ray.get(judge.score.remote(*shard))
         v = self.cfg.judge.variant
         scores = [j[v]["score"] for j in judged]
         return {"agser/score_mean": sum(scores) / len(scores),
