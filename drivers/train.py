@@ -196,7 +196,7 @@ class Run:
                  for i, shard in enumerate(shards)]
         refs = [w.generate.remote(**c) if shard else None
                 for w, c, shard in zip(self.rollouts, calls, shards)]
-        return refs, shards, calls
+        return refs, shards, calls, list(self.rollouts)
 
     def collect(self, launched) -> list[tuple[dict, list]]:
         """[(example, its group of rollouts)] in launch order.
@@ -204,7 +204,7 @@ class Run:
         If a rollout worker died, it is replaced (current weights) and its prompts are generated
         again with the same seeds: no group is lost and none is counted twice.
         """
-        refs, shards, calls = launched
+        refs, shards, calls, used = launched
         groups = []
         for i, (ref, shard, call) in enumerate(zip(refs, shards, calls)):
             if ref is None:
@@ -213,7 +213,9 @@ class Run:
                 rollouts = self.ray.get(ref)
             except self.ray.exceptions.RayActorError:
                 self.state["requeued_prompts"] = self.state.get("requeued_prompts", 0) + len(shard)
-                rollouts = self.ray.get(self._restart_rollout(i).generate.remote(**call))
+                # replaced already (a weight sync found it dead)? then it holds the current weights
+                worker = self.rollouts[i] if self.rollouts[i] is not used[i] else self._restart_rollout(i)
+                rollouts = self.ray.get(worker.generate.remote(**call))
             per = len(rollouts) // max(len(shard), 1)
             groups += [(ex, rollouts[j * per:(j + 1) * per]) for j, ex in enumerate(shard)]
         return groups
@@ -363,14 +365,14 @@ class Run:
         shards = [([q for q, _ in picked[i::n]], [t for _, t in picked[i::n]], (self.cfg.judge.variant,))
                   for i in range(n)]
         self.judging = (step + 1, [a.score.remote(*sh) if sh[0] else None for a, sh in zip(self.judges.actors, shards)],
-                        shards)
+                        shards, list(self.judges.actors))
         return metrics
 
     def collect_judging(self) -> dict:
         """Wait for the judges' last launch (if any) and summarise it as agser/* metrics."""
         if self.judging is None:
             return {}
-        (of_step, refs, shards), self.judging = self.judging, None
+        (of_step, refs, shards, used), self.judging = self.judging, None
         judged = []
         for i, (ref, shard) in enumerate(zip(refs, shards)):
             if ref is None:
@@ -378,10 +380,13 @@ class Run:
             try:
                 judged += self.ray.get(ref)
             except self.ray.exceptions.RayActorError:  # a dead judge: replace it, judge its shard again
-                judge = self._restart(self.judges, i)
-                if not self.cfg.judge.model_path:
-                    handles = self.learner.get(self.learner.call("export_weights"))[0]
-                    self.ray.get(judge.update_weights.remote(handles, self.state["version"]))
+                if self.judges.actors[i] is not used[i]:    # a weight sync replaced (and loaded) it already
+                    judge = self.judges.actors[i]
+                else:
+                    judge = self._restart(self.judges, i)
+                    if not self.cfg.judge.model_path:       # a policy judge: load the current weights
+                        handles = self.learner.get(self.learner.call("export_weights"))[0]
+                        self.ray.get(judge.update_weights.remote(handles, self.state["version"]))
                 self.state["requeued_prompts"] = self.state.get("requeued_prompts", 0) + len(shard)
                 judged += self.ray.get(judge.score.remote(*shard))
         v = self.cfg.judge.variant
