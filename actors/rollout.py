@@ -260,7 +260,8 @@ class RolloutWorker:
         """Load new weights in place at a sync point, reset the prefix cache, set the version.
 
         handles: what the transport's `publish` returned (object store: [(meta, ref)]; nccl:
-        [meta]). mode "finish" lets in-flight requests complete first; "abort" cancels them.
+        [meta]; "checkpoint": a saved HF model directory). mode "finish" lets in-flight requests
+        complete first; "abort" cancels them.
         """
         if mode not in ("finish", "abort"):
             raise ValueError(f"mode must be 'finish' or 'abort', got {mode!r}")
@@ -275,6 +276,14 @@ class RolloutWorker:
             elif transport == "nccl":
                 metas = [vars(m) if not isinstance(m, dict) else m for m in handles]
                 loaded = self.llm.collective_rpc("r1ray_reload_nccl", args=(metas,))[0]
+            elif transport == "checkpoint":  # handles: a saved HF model directory
+                from pathlib import Path
+
+                from safetensors.torch import load_file
+
+                weights = ((name, t) for f in sorted(Path(handles).glob("*.safetensors"))
+                           for name, t in load_file(str(f)).items())
+                loaded = self.llm.collective_rpc("r1ray_reload", args=(weights,))[0]
             else:
                 raise ValueError(f"unknown transport {transport!r}")
             self.llm.reset_prefix_cache()  # cached KV was computed with the old weights

@@ -133,6 +133,8 @@ class TrainConfig(_Section):
     checkpoint_every: int = Field(10, ge=1)
     max_refill_rounds: int = Field(4, ge=0, description="Dynamic sampling: extra generation rounds per step.")
     sync_timeout_s: float = Field(600.0, gt=0.0, description="A weight sync not done in this time is an error, not a hang.")
+    async_eval: bool = Field(False, description="eval_every evaluations run on their own worker against a "
+                             "saved checkpoint, never stalling training (logged when done, with eval/of_step).")
 
 
 class RunConfig(_Section):

@@ -91,7 +91,7 @@ class Pipeline:
         data["reward"].update(reward)
         cfg = build_config(data)
         resume = (self.out / stage / "checkpoints" / "state.json").exists()
-        summary = run_training(cfg, resume=resume)
+        summary = run_training(cfg, resume=resume, shutdown=False)   # one Ray session for all stages
         return {"model": str(self.out / stage / "checkpoints" / "hf"),
                 "train": {k: summary.get(k) for k in ("start", "end", "samples")}}
 

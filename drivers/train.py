@@ -113,6 +113,18 @@ class Run:
                                          model_path=cfg.judge.model_path or self.model_path, dtype=cfg.model.dtype,
                                          max_tokens=cfg.judge.max_tokens, unit=cfg.judge.unit,
                                          max_model_len=cfg.rollout.max_model_len, kv_cache_gib=cfg.rollout.kv_cache_gib))
+        self.evaluator, self.pending_evals = None, []
+        if cfg.train.async_eval:
+            from actors.evaluator import CheckpointEvaluator
+
+            self.evaluator = ActorGroup(CheckpointEvaluator, 1, name="evaluator",
+                                        env={"OMP_NUM_THREADS": str(cfg.rollout.cpu_threads or os.cpu_count() or 1)},
+                                        kwargs_fn=lambda r, a, p: dict(
+                                            model_path=self.model_path, **cfg.rollout.model_dump(), dtype=cfg.model.dtype,
+                                            reward=dict(timeout_s=cfg.reward.timeout_s, weights=cfg.reward.weights,
+                                                        layout=cfg.reward.layout,
+                                                        target_language=cfg.reward.target_language)))
+            ray.get(self.evaluator.actors[0].info.remote())
         self.ray = ray
         if resume:
             tag = self.state["tag"]
@@ -241,15 +253,25 @@ class Run:
     # ---------------------------------------------------------------- evaluation
     def evaluate(self, examples: list[dict] | None = None) -> dict:
         """Greedy accuracy, format rate and mean length on the held-out prompts."""
+        from actors.evaluator import eval_metrics
+
         examples = examples or self.heldout
         groups = self.collect(self.launch_generation(examples, seed=0, n=1, temperature=0.0))
-        results = self.score(groups)
-        ok = [r for r in results if r.status == "ok"]
-        lengths = [len(r.completion_ids) for _, rs in groups for r in rs]
-        return {"eval/accuracy": sum(r.components.get("accuracy", 0.0) for r in ok) / max(len(ok), 1),
-                "eval/format": sum(r.components.get("format", 0.0) for r in ok) / max(len(ok), 1),
-                "eval/length": sum(lengths) / max(len(lengths), 1), "eval/n": len(examples),
-                "eval/failed": len(results) - len(ok)}
+        return eval_metrics([r for _, rs in groups for r in rs], self.score(groups), len(examples))
+
+    def launch_eval(self, step: int) -> None:
+        """Asynchronous evaluation: save the current weights, hand the checkpoint to the evaluator."""
+        path = self.run_dir / "eval_checkpoints" / f"step{step}"
+        self.learner.get(self.learner.call("save_hf", str(path)))
+        self.pending_evals.append(self.evaluator.actors[0].evaluate.remote(
+            str(path), step, [e["prompt"] for e in self.heldout], [e["answer"] for e in self.heldout]))
+
+    def finished_eval(self, wait: bool = False) -> dict:
+        """The oldest pending asynchronous evaluation if it is done (or, with wait, once it is)."""
+        if not self.pending_evals:
+            return {}
+        ready, _ = self.ray.wait(self.pending_evals[:1], timeout=None if wait else 0)
+        return self.ray.get(self.pending_evals.pop(0)) if ready else {}
 
     # ---------------------------------------------------------------- cold start
     def cold_start(self) -> dict:
@@ -387,7 +409,7 @@ class Run:
                     if not self.cfg.judge.model_path:       # a policy judge: load the current weights
                         handles = self.learner.get(self.learner.call("export_weights"))[0]
                         self.ray.get(judge.update_weights.remote(handles, self.state["version"]))
-                self.state["requeued_prompts"] = self.state.get("requeued_prompts", 0) + len(shard)
+                self.state["requeued_prompts"] = self.state.get("requeued_prompts", 0) + len(shard[0])
                 judged += self.ray.get(judge.score.remote(*shard))
         v = self.cfg.judge.variant
         scores = [j[v]["score"] for j in judged]
@@ -418,7 +440,7 @@ class Run:
         bar = tqdm(range(start, cfg.train.steps), desc=f"GRPO ({cfg.train.mode})", unit="step",
                    initial=start, total=cfg.train.steps)
         for step in bar:
-            t0 = time.perf_counter()
+            t0, t_wall = time.perf_counter(), time.time()
             groups, results, extra = self.gather_step(step, pending.pop(step))
             gen_s = time.perf_counter() - t0
             if ahead and step + ahead < cfg.train.steps:  # generates while the learner trains
@@ -435,13 +457,21 @@ class Run:
             self.state["step"] = step + 1
             metrics.update(self._rollout_metrics(groups, results, time.perf_counter() - t0, gen_s))
             if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and step + 1 < cfg.train.steps:
-                metrics.update(self.evaluate())
+                if self.evaluator:
+                    self.launch_eval(step + 1)
+                else:
+                    metrics.update(self.evaluate())
+            if self.evaluator:
+                metrics.update(self.finished_eval())
+            metrics.update({"perf/step_started": t_wall, "perf/step_finished": time.time()})
             self.logger.log(metrics, step=step + 1)
             bar.set_postfix(reward=f"{metrics.get('reward/mean', float('nan')):.3f}",
                             acc=f"{metrics.get('reward/accuracy', float('nan')):.2f}")
             if (step + 1) % cfg.train.checkpoint_every == 0 or step + 1 == cfg.train.steps:
                 self.checkpoint()
         bar.close()
+        while self.pending_evals:  # the asynchronous evaluations still running: log them too
+            self.logger.log(self.finished_eval(wait=True), step=self.state["step"])
         summary["end"] = self.evaluate()
         self.logger.log({**summary["end"], **self.collect_judging()}, step=self.state["step"])
         summary["curves"] = str(self.logger.plot())
@@ -470,6 +500,8 @@ class Run:
         self.rollout_group.kill()
         if self.judges:
             self.judges.kill()
+        if self.evaluator:
+            self.evaluator.kill()
         self.rewards.kill()
         self.learner.kill()
 
@@ -484,8 +516,11 @@ def format_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def run_training(cfg: Config, resume: bool = False) -> dict:
-    """Build the run, train, print the table, clean up; returns the summary."""
+def run_training(cfg: Config, resume: bool = False, shutdown: bool = True) -> dict:
+    """Build the run, train, print the table, clean up; returns the summary.
+
+    shutdown=False leaves the Ray session up (callers that run several stages in one session).
+    """
     import ray
 
     run = Run(cfg, resume=resume)
@@ -493,7 +528,8 @@ def run_training(cfg: Config, resume: bool = False) -> dict:
         summary = run.train()
     finally:
         run.close()
-        ray.shutdown()
+        if shutdown:
+            ray.shutdown()
     print(format_table(summary))
     print(json.dumps({k: v for k, v in summary.items() if k in ("start", "end", "curves", "samples",
                                                                 "stale_dropped")}, default=str))

@@ -195,3 +195,22 @@ def test_faults_workers_die_sync_stalls_learner_crashes_and_nothing_is_lost(unin
             assert faulty[step][key] == full[step][key], (step, key)
     print(f"faults injected 4, survived 4; samples {faulty[4]['train/samples_total']} "
           f"= uninterrupted {full[4]['train/samples_total']} (0 lost, 0 counted twice)")
+
+
+def test_async_evaluation_runs_while_training_continues(ray_session, tiny_model_path, tmp_path):
+    """eval_every=1 with train.async_eval: each evaluation runs on its own worker against a saved
+    checkpoint; the loop never waits for it, so evaluations overlap later training steps."""
+    cfg = _cfg(tmp_path, "aeval", tiny_model_path, steps=4, eval_every=1, async_eval=True, sft_steps=0)
+    summary, history = _run(cfg)
+    evals = [r for r in history if "eval/of_step" in r]
+    assert sorted(r["eval/of_step"] for r in evals) == [1, 2, 3]          # the last step's is the final eval
+    assert all(r["eval/n"] == 8 and 0 <= r["eval/accuracy"] <= 1 for r in evals)
+    for e in evals:
+        assert (tmp_path / "aeval" / "eval_checkpoints" / f"step{int(e['eval/of_step'])}" / "model.safetensors").exists()
+    steps = [r for r in history if "perf/step_started" in r]
+    overlapping = [(e["eval/of_step"], s["train/step"]) for e in evals for s in steps
+                   if s["train/step"] > e["eval/of_step"]
+                   and e["eval/started"] < s["perf/step_finished"] and s["perf/step_started"] < e["eval/finished"]]
+    print(f"evaluation of step -> training step running meanwhile: {overlapping}")
+    assert overlapping                                                    # training went on meanwhile
+    assert "end" in summary and summary["end"]["eval/n"] == 8
