@@ -43,6 +43,22 @@ def run_mode(base: dict, overrides: list[str], out: Path, mode: str, model_path:
             "staleness_max": max(r["async/staleness_max"] for r in rows)}
 
 
+def cold_start_checkpoint(base: dict, overrides: list[str], out: Path, sft_steps: int | None) -> str:
+    """One shared cold start (SFT only, 0 RL steps); its HF export is where every compared run starts."""
+    from drivers.config import build_config
+    from drivers.train import Run
+
+    sft = build_config(base, overrides + ["train.steps=0", f"run.output_dir={out / 'sft'}", "run.wandb_mode=disabled"]
+                       + ([f"train.sft_steps={sft_steps}"] if sft_steps is not None else []))
+    run = Run(sft)
+    try:
+        run.train()
+        run.checkpoint()
+    finally:
+        run.close()
+    return str(out / "sft" / "checkpoints" / "hf")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--config", default="configs/tiny.yaml")
@@ -55,23 +71,10 @@ def main():
     import ray
     import yaml
 
-    from drivers.config import build_config
-    from drivers.train import Run
-
     base = yaml.safe_load(Path(a.config).read_text())
     threads = [f"rollout.cpu_threads={a.threads}", f"learner.cpu_threads={a.threads}"]
     out = Path(tempfile.mkdtemp(prefix="r1ray_async_"))
-    # one shared cold start: SFT only (0 RL steps), its HF export is the start of both modes
-    sft = build_config(base, a.overrides + threads + ["train.steps=0", f"run.output_dir={out / 'sft'}",
-                                                      "run.wandb_mode=disabled"]
-                       + ([f"train.sft_steps={a.sft_steps}"] if a.sft_steps is not None else []))
-    run = Run(sft)
-    try:
-        run.train()
-        run.checkpoint()
-    finally:
-        run.close()
-    start = str(out / "sft" / "checkpoints" / "hf")
+    start = cold_start_checkpoint(base, a.overrides + threads, out, a.sft_steps)
     try:
         result = {m: run_mode(base, a.overrides + threads, out, m, start, a.steps) for m in ("sync", "async")}
     finally:

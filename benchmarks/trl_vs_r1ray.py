@@ -100,23 +100,13 @@ def main():
     import ray
     import yaml
 
-    from async_vs_sync import run_mode
-    from drivers.config import build_config
-    from drivers.train import Run
+    from async_vs_sync import cold_start_checkpoint, run_mode
 
     base = yaml.safe_load(Path(a.config).read_text())
     base.setdefault("learner", {})["warmup_steps"] = 0
     threads = ["rollout.cpu_threads=1", "learner.cpu_threads=1"]
     out = Path(tempfile.mkdtemp(prefix="r1ray_trl_"))
-    sft = build_config(base, threads + ["train.steps=0", f"run.output_dir={out / 'sft'}", "run.wandb_mode=disabled",
-                                        f"train.sft_steps={a.sft_steps}"])
-    run = Run(sft)
-    try:
-        run.train()
-        run.checkpoint()
-    finally:
-        run.close()
-    start = str(out / "sft" / "checkpoints" / "hf")
+    start = cold_start_checkpoint(base, threads, out, a.sft_steps)
     try:
         result = {m: run_mode(base, threads, out, m, start, a.steps) for m in ("sync", "async")}
     finally:
