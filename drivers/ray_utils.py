@@ -12,8 +12,9 @@ WORKER_ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "VLLM_LO
 def init_ray(num_cpus: int | None = None) -> None:
     """Join the cluster named by RAY_ADDRESS (as under `ray job submit`), else start a local Ray.
 
-    Locally, logical CPUs default to max(4, cores) so a rollout worker and two learner ranks can
-    be placed on a 2-core machine (they time-share the cores).
+    Locally, logical CPUs default to max(8, cores) so the whole actor set of a run (rollout worker,
+    reward worker, learner ranks, judge, asynchronous evaluator) can be placed on a 2-core machine
+    (they time-share the cores).
     """
     import ray
 
@@ -24,7 +25,7 @@ def init_ray(num_cpus: int | None = None) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(runtime_env={"env_vars": WORKER_ENV}, log_to_driver=True)
     else:
-        ray.init(num_cpus=num_cpus or max(4, os.cpu_count() or 1), include_dashboard=False,
+        ray.init(num_cpus=num_cpus or max(8, os.cpu_count() or 1), include_dashboard=False,
                  object_store_memory=512 * 1024**2, runtime_env={"env_vars": WORKER_ENV},
                  log_to_driver=True)
 

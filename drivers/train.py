@@ -200,7 +200,7 @@ class Run:
 
     # ---------------------------------------------------------------- rollouts and rewards
     def launch_generation(self, examples: list[dict], seed: int, **sampling) -> list:
-        """Split prompts over the rollout workers; returns (refs, shards) to collect later."""
+        """Split prompts over the rollout workers; returns (refs, shards, call kwargs, workers) for collect()."""
         n = sampling.pop("n", self.cfg.rollout.group_size)
         k = len(self.rollouts)
         shards = [examples[i::k] for i in range(k)]
