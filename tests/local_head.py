@@ -2,7 +2,7 @@
 
 It listens on free ports with its own temp dir, so it never touches another Ray on the machine.
 Every process it spawns (GCS, raylet, dashboard, workers, fake autoscaled nodes) is recorded by
-PID while it runs, and only those PIDs are stopped at the end. Never `ray stop`.
+PID while it runs, and only those PIDs are stopped at the end (nothing machine-wide).
 """
 from __future__ import annotations
 
