@@ -153,8 +153,6 @@ class JudgeWorker:
     def __init__(self, model_path: str, *, dtype: str = "float32", max_tokens: int = 32, frac: float = 2 / 3,
                  lam: float = 1.0, layers: str | list[int] = "all", unit: str = "word", max_model_len: int = 1024,
                  kv_cache_gib: int = 1, cpu_threads: int = 0, **_ignored):
-        import os
-
         from transformers import AutoModelForCausalLM
 
         from actors.rollout import RolloutWorker
@@ -170,7 +168,6 @@ class JudgeWorker:
             raise ValueError(f"unit must be 'word' or 'token', got {unit!r}")
         self.frac, self.lam, self.layers, self.max_tokens, self.unit = frac, lam, layers, max_tokens, unit
         self.calls = {"generate": 0, "forward": 0}
-        self.pid = os.getpid()
         rendered = self.tokenizer.apply_chat_template([{"role": "user", "content": "\x00Q\x00"}],
                                                       add_generation_prompt=True, tokenize=False)
         prefix, suffix = rendered.split("\x00Q\x00")
@@ -279,10 +276,6 @@ class JudgeWorker:
         return [{"answer": g, "score": sum(rouge_l(answer_text(s), answer_text(g))
                                            for s in samples[i * n:(i + 1) * n]) / n}
                 for i, g in enumerate(greedy)]
-
-    def greedy(self, questions: list[str]) -> list[str]:
-        """The judge model's greedy answers."""
-        return self._generate([self.prompt_ids(self.query_ids(q)) for q in questions])
 
     def update_weights(self, handles, version: int) -> dict:
         """Load the learner's weights (object-store buckets) into the vLLM engine and the HF model."""

@@ -10,6 +10,11 @@ Batches are plain dicts of lists (one row per sequence), split across ranks by t
     behavior_logp  the rollout engine's logprob per completion token (GRPO)
 Losses are normalised over the *global* batch (all ranks, all micro-batches), so the update
 equals one full-batch step of `actors.grpo.grpo_loss` whatever the micro-batching.
+
+Shared prompts (share_prefix, on by default): the G rows of a GRPO group repeat one prompt.
+Micro-batches then hold rows of one prompt, which runs once (its KV cache, with gradients, is
+repeated over the completions): the same logits and gradients for far fewer tokens when
+prompts are long next to completions.
 """
 from __future__ import annotations
 
@@ -44,6 +49,23 @@ def pack_micro_batches(lengths: list[int], token_budget: int) -> list[list[int]]
     return batches
 
 
+def pack_prompt_groups(input_ids: list[list[int]], prompt_lens: list[int], token_budget: int) -> list[list[int]]:
+    """Micro-batches of rows that share one prompt, for the shared-prefix forward.
+
+    Rows are grouped by prompt (first appearance order); a group costs its prompt once plus
+    rows * (longest completion + 1) padded tokens and is split when that exceeds the budget.
+    """
+    groups: dict[tuple, list[int]] = {}
+    for i, (ids, p) in enumerate(zip(input_ids, prompt_lens)):
+        groups.setdefault(tuple(ids[:p]), []).append(i)
+    batches = []
+    for prompt, rows in groups.items():
+        budget = max(token_budget - (len(prompt) - 1), 1)
+        lengths = [len(input_ids[i]) - len(prompt) + 1 for i in rows]
+        batches += [[rows[j] for j in part] for part in pack_micro_batches(lengths, budget)]
+    return batches
+
+
 def _skip_shm_build() -> None:
     # DeepSpeed JIT-builds a shm comm op (~50 s) on CPU that ZeRO never uses. Note the trap:
     # `import deepspeed.comm.torch as m` gives the *torch* package, hence sys.modules.
@@ -63,7 +85,7 @@ class Learner:
                  beta: float = 0.0, eps_low: float = 0.2, eps_high: float = 0.2,
                  agg: str = "token-mean", ratio_level: str = "token", max_len: int | None = None,
                  is_cap: float | None = 2.0, old_logp: str = "rollout", temperature: float = 1.0,
-                 mini_batches: int = 1, warmup_steps: int = 0, **_ignored):
+                 mini_batches: int = 1, warmup_steps: int = 0, share_prefix: bool = True, **_ignored):
         os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank),
                           WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                           LOCAL_WORLD_SIZE=str(world_size))
@@ -82,6 +104,7 @@ class Learner:
                             ratio_level=ratio_level, max_len=max_len, is_cap=is_cap)
         self.old_logp_source, self.temperature = old_logp, temperature
         self.micro_batch_tokens, self.mini_batches = micro_batch_tokens, mini_batches
+        self.share_prefix = share_prefix
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=self.dtype)
         model.config.use_cache = False
@@ -134,8 +157,8 @@ class Learner:
         # position t predicts token t+1: completion tokens are t+1 in [prompt_len, len)
         mask = ((pos >= plens[:, None] - 1) & (pos < lens[:, None] - 1)).float()
         attn = (torch.arange(ids.shape[1], device=self.device)[None] < lens[:, None]).long()
-        out = {"ids": ids, "attn": attn, "targets": ids[:, 1:], "mask": mask}
-        for key in ("behavior_logp", "old_logp"):
+        out = {"ids": ids, "attn": attn, "targets": ids[:, 1:], "mask": mask, "starts": (plens - 1).tolist()}
+        for key in ("behavior_logp", "old_logp", "ref_logp"):
             if key in batch:  # per-completion-token values placed at their positions
                 full = torch.zeros_like(mask)
                 for r, i in enumerate(idx):
@@ -153,8 +176,54 @@ class Learner:
         # (without it, each backward overwrites the previous micro-batch's gradients)
         return model(input_ids=mb["ids"], attention_mask=mb["attn"]).logits[:, :-1]
 
-    def _micro_batches(self, batch: dict) -> list[list[int]]:
-        return pack_micro_batches([len(x) for x in batch["input_ids"]], self.micro_batch_tokens)
+    @staticmethod
+    def _one_prompt(batch: dict, idx: list[int]) -> bool:
+        p = batch["prompt_lens"][idx[0]]
+        prompt = batch["input_ids"][idx[0]][:p]
+        return p >= 2 and all(batch["prompt_lens"][i] == p and batch["input_ids"][i][:p] == prompt for i in idx)
+
+    def _plan(self, batch: dict, share: bool) -> tuple[list[list[int]], bool]:
+        """Micro-batches (the same count on every rank; [] pads) and whether they all run the
+        shared-prompt forward: only when prompts repeat (>= 2 rows per prompt on average over
+        all ranks; one micro-batch per distinct prompt costs more than it saves otherwise).
+        Every rank must take the same path: ZeRO reduces gradients in the order they become
+        ready, and that order differs between the two forwards."""
+        want = share and self.share_prefix
+        if want:     # the ranks agree on sharing first
+            groups = pack_prompt_groups(batch["input_ids"], batch["prompt_lens"], self.micro_batch_tokens)
+            ok = all(self._one_prompt(batch, idx) for idx in groups)
+            prompts = len({tuple(x[:p]) for x, p in zip(batch["input_ids"], batch["prompt_lens"])})
+            not_ok, rows, prompts = self._all_reduce([0.0 if ok else 1.0, len(batch["input_ids"]), prompts])
+            want = not not_ok and rows >= 2 * prompts
+        local = groups if want else pack_micro_batches([len(x) for x in batch["input_ids"]], self.micro_batch_tokens)
+        n_micro = int(self._all_reduce([len(local)], "max")[0])
+        return local + [[] for _ in range(n_micro - len(local))], want
+
+    def _forward(self, model, batch: dict, idx: list[int], share: bool) -> tuple[dict, torch.Tensor]:
+        """(tensors, next-token logits) of rows idx. share: the rows have one prompt (see _plan),
+        which runs once: the prompt minus its last token fills a KV cache (with gradients) that is
+        repeated over the rows, and the rows continue from the prompt's last token. Tensors are
+        then laid out as if each row's prompt were that one token (the same logits, fewer positions)."""
+        if not share:
+            mb = self._shifted(batch, idx)
+            return mb, self._logits(model, mb)
+        p = batch["prompt_lens"][idx[0]]
+        prompt = batch["input_ids"][idx[0]][:p]
+        rows = {k: [v[i] for i in idx] for k, v in batch.items() if isinstance(v, list)}
+        rows["input_ids"] = [x[p - 1:] for x in rows["input_ids"]]
+        rows["prompt_lens"] = [1] * len(idx)
+        mb = self._shifted(rows, list(range(len(idx))))
+        # the prefix runs through the module, not the engine: one engine forward per micro-batch
+        prefix = getattr(model, "module", model)(input_ids=torch.tensor([prompt[:-1]], device=self.device),
+                                                 use_cache=True).past_key_values
+        prefix.batch_repeat_interleave(len(idx))
+        g, width = mb["ids"].shape
+        attn = torch.cat([torch.ones(g, p - 1, dtype=mb["attn"].dtype, device=self.device), mb["attn"]], 1)
+        pos = torch.arange(p - 1, p - 1 + width, device=self.device)[None].expand(g, -1)
+        logits = model(input_ids=mb["ids"], attention_mask=attn, position_ids=pos, past_key_values=prefix,
+                       use_cache=True).logits[:, :-1]
+        return mb, logits
+
 
     # ------------------------------------------------------------------ GRPO
     @torch.no_grad()
@@ -165,14 +234,17 @@ class Learner:
             return batch
         batch = dict(batch)
         olds, refs = [None] * len(batch["input_ids"]), [None] * len(batch["input_ids"])
-        for idx in self._micro_batches(batch):
-            mb = self._shifted(batch, idx)
-            old_lp = token_logprobs(self._logits(self.engine, mb), mb["targets"], self.temperature) \
-                if need_old else None
-            ref_lp = token_logprobs(self._logits(self.ref, mb), mb["targets"], self.temperature) \
-                if self.ref is not None else None
+        micro, share = self._plan(batch, share=True)
+        for idx in filter(None, micro):
+            if need_old:
+                mb, logits = self._forward(self.engine, batch, idx, share)
+                old_lp = token_logprobs(logits, mb["targets"], self.temperature)
+            if self.ref is not None:
+                mb, logits = self._forward(self.ref, batch, idx, share)
+                ref_lp = token_logprobs(logits, mb["targets"], self.temperature)
             for r, i in enumerate(idx):
-                sl = slice(batch["prompt_lens"][i] - 1, len(batch["input_ids"][i]) - 1)
+                start = mb["starts"][r]
+                sl = slice(start, start + len(batch["input_ids"][i]) - batch["prompt_lens"][i])
                 if need_old:
                     olds[i] = old_lp[r, sl].tolist()
                 if self.ref is not None:
@@ -209,16 +281,11 @@ class Learner:
         return {**sums, **totals, "step_seconds": time.perf_counter() - t0,
                 "learner_step": float(self.steps)}
 
-    def _dummy_loss(self) -> torch.Tensor:
-        """A zero loss through a real forward: keeps every rank's backward passes (and ZeRO's
-        collectives) aligned when this rank has fewer micro-batches."""
-        ids = torch.zeros((1, 2), dtype=torch.long, device=self.device)
-        return self.engine(input_ids=ids).logits.sum() * 0.0
-
-    def _aligned_micro_batches(self, batch: dict) -> list[list[int]]:
-        micro = self._micro_batches(batch) if batch["input_ids"] else []
-        n_micro = int(self._all_reduce([len(micro)], "max")[0])
-        return micro + [[] for _ in range(n_micro - len(micro))]
+    def _dummy_loss(self, share: bool) -> torch.Tensor:
+        """A zero loss through a real forward of the same kind as the other ranks': keeps every
+        rank's backward passes (and ZeRO's collectives) aligned when this rank has fewer micro-batches."""
+        _, logits = self._forward(self.engine, {"input_ids": [[0, 0, 0]], "prompt_lens": [2]}, [0], share)
+        return logits.sum() * 0.0
 
     def _apply_step(self, losses_finite: bool) -> tuple[bool, float]:
         """Optimizer step unless the loss or the gradient norm is non-finite on any rank.
@@ -251,20 +318,17 @@ class Learner:
         local_tokens = sum(len(x) - p for x, p in zip(batch["input_ids"], batch["prompt_lens"]))
         g_tokens, g_rows = self._all_reduce([local_tokens, len(batch["input_ids"])])
         denominator = g_tokens if per_token else g_rows
-        micro = self._aligned_micro_batches(batch)
+        micro, share = self._plan(batch, share=True)
         keys = ["policy_loss", "kl", "clip_frac_low", "clip_frac_high", "ratio_mean", "entropy"]
         sums = dict.fromkeys(keys, 0.0)
         total_loss, ratio_max, finite = 0.0, 1.0, True
         for k, idx in enumerate(micro):
             if not idx:
-                self.engine.backward(self._dummy_loss(), scale_wrt_gas=False)
+                self.engine.backward(self._dummy_loss(share), scale_wrt_gas=False)
                 continue
-            mb = self._shifted(batch, idx)
-            logits = self._logits(self.engine, mb)
+            mb, logits = self._forward(self.engine, batch, idx, share)
             logp = token_logprobs(logits, mb["targets"], self.temperature)
-            ref = None
-            if "ref_logp" in batch:
-                ref = self._shifted({**batch, "old_logp": batch["ref_logp"]}, idx)["old_logp"]
+            ref = mb.get("ref_logp")
             behavior = mb.get("behavior_logp") if self.old_logp_source == "learner" else None
             loss, metrics = grpo_loss(logp, mb["old_logp"], mb["adv"], mb["mask"], ref,
                                       behavior_logp=behavior, **self.loss_kw)
@@ -298,11 +362,11 @@ class Learner:
         self.engine.train()
         local_tokens = sum(len(x) - p for x, p in zip(batch["input_ids"], batch["prompt_lens"]))
         g_tokens = self._all_reduce([local_tokens])[0]
-        micro = self._aligned_micro_batches(batch)
+        micro, _ = self._plan(batch, share=False)   # SFT rows rarely share prompts
         total, finite = 0.0, True
         for k, idx in enumerate(micro):
             if not idx:
-                self.engine.backward(self._dummy_loss(), scale_wrt_gas=False)
+                self.engine.backward(self._dummy_loss(share=False), scale_wrt_gas=False)
                 continue
             mb = self._shifted(batch, idx)
             logp = token_logprobs(self._logits(self.engine, mb), mb["targets"])

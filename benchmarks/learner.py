@@ -59,12 +59,15 @@ class PlainTrainer:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def make_batch(rows: int, prompt: int, completion: int, seed: int = 0) -> dict:
+def make_batch(rows: int, prompt: int, completion: int, seed: int = 0, group_size: int = 1) -> dict:
+    """Random rows; consecutive runs of `group_size` rows share a prompt (a GRPO group)."""
     rng = random.Random(seed)
     ids, plens, adv, beh = [], [], [], []
-    for _ in range(rows):
+    for r in range(rows):
+        if r % group_size == 0:
+            shared = [rng.randrange(256) for _ in range(prompt)]
         c = rng.randint(completion // 2, completion)
-        ids.append([rng.randrange(256) for _ in range(prompt + c)])
+        ids.append(shared + [rng.randrange(256) for _ in range(c)])
         plens.append(prompt)
         adv.append(rng.choice([-1.0, 1.0]))
         beh.append([-5.5 + rng.random() * 0.1 for _ in range(c)])
@@ -80,6 +83,9 @@ def main():
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--zero-stage", type=int, default=2)
+    ap.add_argument("--group-rows", type=int, default=128, help="shared-prompt comparison: rows (G=8, tiny's shape)")
+    ap.add_argument("--group-prompt", type=int, default=93)
+    ap.add_argument("--group-completion", type=int, default=40)
     a = ap.parse_args()
 
     import ray
@@ -98,14 +104,22 @@ def main():
         plain_mb = ray.get(plain.peak_memory_mb.remote())
         ray.kill(plain)
 
-        group = ActorGroup(Learner, 1, kwargs_fn=lambda r, addr, port: dict(
-            model_path=model, rank=r, world_size=1, master_addr=addr, master_port=port,
-            zero_stage=a.zero_stage, lr=1e-5, cpu_threads=a.threads, micro_batch_tokens=10**9))
-        group.get(group.call("train_step", batch))  # warm-up
-        ds_s = statistics.median(group.get(group.call("train_step", batch))[0]["step_seconds"]
-                                 for _ in range(a.repeats))
-        ds_mb = group.get(group.call("peak_memory_mb"))
-        group.kill()
+        def learner_seconds(batch: dict, **kw) -> tuple[float, list]:
+            group = ActorGroup(Learner, 1, kwargs_fn=lambda r, addr, port: dict(
+                model_path=model, rank=r, world_size=1, master_addr=addr, master_port=port,
+                zero_stage=a.zero_stage, lr=1e-5, cpu_threads=a.threads, **kw))
+            try:
+                group.get(group.call("train_step", batch))  # warm-up
+                seconds = statistics.median(group.get(group.call("train_step", batch))[0]["step_seconds"]
+                                            for _ in range(a.repeats))
+                return seconds, group.get(group.call("peak_memory_mb"))
+            finally:
+                group.kill()
+
+        ds_s, ds_mb = learner_seconds(batch, micro_batch_tokens=10**9)
+        # GRPO groups (G rows share a prompt): the prompt once per group vs once per row
+        grouped = make_batch(a.group_rows, a.group_prompt, a.group_completion, seed=1, group_size=8)
+        share = {k: learner_seconds(grouped, micro_batch_tokens=16384, share_prefix=k)[0] for k in (False, True)}
     finally:
         ray.shutdown()
     tokens = sum(len(r) for r in batch["input_ids"])
@@ -113,7 +127,11 @@ def main():
         "device": "cpu", "preset": a.preset, "rows": a.rows, "tokens": tokens, "threads": a.threads,
         "zero_stage": a.zero_stage, "plain_step_s": round(plain_s, 4), "learner_step_s": round(ds_s, 4),
         "ratio": round(ds_s / plain_s, 3), "goal_ratio_max": 1.3, "meets_goal": ds_s / plain_s <= 1.3,
-        "peak_memory_mb": {"plain": round(plain_mb), "learner_rank0": round(ds_mb[0])}}, indent=1))
+        "peak_memory_mb": {"plain": round(plain_mb), "learner_rank0": round(ds_mb[0])},
+        "shared_prompt": {"rows": a.group_rows, "group_size": 8, "prompt": a.group_prompt,
+                          "completion_max": a.group_completion, "off_step_s": round(share[False], 4),
+                          "on_step_s": round(share[True], 4), "speedup": round(share[False] / share[True], 3)}},
+        indent=1))
 
 
 if __name__ == "__main__":

@@ -100,6 +100,7 @@ class LearnerConfig(_Section):
     warmup_steps: int = Field(0, ge=0, description="Linear lr warmup (restarts for SFT and for RL).")
     micro_batch_tokens: int = Field(16384, ge=16, description="Padded tokens per micro-batch.")
     cpu_threads: int = Field(0, ge=0, le=1024, description="CPU only: torch threads per rank (0: cores / ranks).")
+    share_prefix: bool = Field(True, description="Run each group's shared prompt once (KV cache repeated over its G rows).")
 
 
 class AlgoConfig(_Section):

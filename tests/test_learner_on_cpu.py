@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from actors.grpo import grpo_loss
-from actors.learner import Learner, pack_micro_batches
+from actors.learner import Learner, pack_micro_batches, pack_prompt_groups
 
 LOSS = dict(eps_low=0.2, eps_high=0.28, beta=0.0, agg="token-mean")
 # Adam's first step is g / (|g| + eps): with eps 1e-8, fp32 summation-order noise in
@@ -22,16 +22,31 @@ def test_pack_micro_batches_by_hand():
         pack_micro_batches([1], 0)
 
 
-def make_batch(model_path, n_rows=8, seed=0):
-    """Synthetic GRPO rows; behaviour logprobs = the model's own + noise (ratios off 1, some clipped)."""
+def test_pack_prompt_groups_by_hand():
+    # prompts A (3 tokens), B (2 tokens); a group costs (prompt - 1) + rows * (longest completion + 1)
+    A, B = [1, 2, 3], [4, 5]
+    ids = [A + [9, 9], B + [9], A + [9], A + [9, 9, 9, 9], B + [9, 9]]
+    plens = [3, 2, 3, 3, 2]
+    # budget 20: A -> 2 + 3 rows * 5 = 17 fits; B -> 1 + 2 * 3 = 7 fits
+    assert pack_prompt_groups(ids, plens, 20) == [[0, 2, 3], [1, 4]]
+    # budget 10: A's rows are packed within 10 - 2 = 8 padded tokens: [3, 2] -> 6, + 5 -> 15 > 8
+    assert pack_prompt_groups(ids, plens, 10) == [[0, 2], [3], [1, 4]]
+
+
+def make_batch(model_path, n_rows=8, seed=0, group_size=1):
+    """Synthetic GRPO rows; behaviour logprobs = the model's own + noise (ratios off 1, some clipped).
+    Consecutive runs of `group_size` rows share a prompt (a GRPO group)."""
     from transformers import AutoModelForCausalLM
 
     rng = random.Random(seed)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
     rows, plens = [], []
-    for _ in range(n_rows):
-        p, c = rng.randint(3, 8), rng.randint(2, 12)
-        rows.append([rng.randrange(256) for _ in range(p + c)])
+    for r in range(n_rows):
+        if r % group_size == 0:
+            p = rng.randint(3, 8)
+            prompt = [rng.randrange(256) for _ in range(p)]
+        c = rng.randint(2, 12)
+        rows.append(prompt + [rng.randrange(256) for _ in range(c)])
         plens.append(p)
     behavior = []
     g = torch.Generator().manual_seed(seed)
@@ -87,9 +102,11 @@ def shard(batch, world):
     return [({k: v[cut[r]:cut[r + 1]] for k, v in batch.items()},) for r in range(world)]
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_two_ranks_match_a_plain_pytorch_step(ray_session, tiny_model_path, stage):
-    batch = make_batch(tiny_model_path)
+@pytest.mark.parametrize("stage,group_size", [(2, 4), (3, 4), (2, 1)])
+def test_two_ranks_match_a_plain_pytorch_step(ray_session, tiny_model_path, stage, group_size):
+    """group_size 4: the shared-prompt forward (prompt once, KV cache repeated; groups split
+    across ranks and micro-batches) against the reference's full forward of every row."""
+    batch = make_batch(tiny_model_path, group_size=group_size)
     ref_loss, ref_weights = reference_step(tiny_model_path, batch)
     group = learner_group(tiny_model_path, 2, stage)
     try:
@@ -178,7 +195,7 @@ def test_reference_model_and_learner_side_old_logp(ray_session, tiny_model_path)
     and the loss is the token mean of -A * w, computed here from the HF model."""
     from transformers import AutoModelForCausalLM
 
-    batch = make_batch(tiny_model_path, n_rows=4, seed=3)
+    batch = make_batch(tiny_model_path, n_rows=4, seed=3, group_size=2)   # shared prompts: old and ref too
     model = AutoModelForCausalLM.from_pretrained(tiny_model_path).eval()
     num, den = 0.0, 0
     for ids, p, a, b in zip(batch["input_ids"], batch["prompt_lens"], batch["advantages"], batch["behavior_logp"]):

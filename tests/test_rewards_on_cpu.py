@@ -161,7 +161,7 @@ def test_slow_item_times_out_explicitly_and_does_not_block_the_batch(pool):
     assert [r.status for r in res] == ["ok"] * 6 + ["timeout"] + ["ok"] * 6
     assert res[6].reward is None and "2.0 s" in res[6].error   # explicit, never a silent 0
     assert [r.reward for r in res[:6]] == [1.0] * 6 and [r.reward for r in res[7:]] == [0.0] * 6
-    assert wall < 2.0 + 1.5
+    assert wall < 2.0 + 10.0   # cut at 2 s, not hung (loose bound: CI cores are shared)
     m = summarize(res)
     assert m["reward/timeout"] == 1 and m["reward/ok"] == 12 and m["reward/mean"] == pytest.approx(0.5)
     # the pool replaced the killed child and still works
@@ -184,9 +184,11 @@ def test_reward_workers_as_ray_actors(ray_session):
         bomb = "<answer>" + "\\sqrt{" * 1000 + "2" + "}" * 1000 + "</answer>"
         shards = [(["<think>a</think><answer>5</answer>", bomb], ["5", "5"]),
                   (["<answer>7</answer>", "<think>b</think><answer>6</answer>"], ["7", "5"])]
+        ray.get([w.info.remote() for w in workers])            # started: time only the scoring
         t0 = time.perf_counter()
         out = ray.get([w.score.remote(c, r) for w, (c, r) in zip(workers, shards)])
-        assert time.perf_counter() - t0 < 1.5 + 5.0
+        # the bomb never finishes on its own; it must be cut at 1.5 s, not hang (loose: shared CI cores)
+        assert time.perf_counter() - t0 < 1.5 + 20.0
         assert [r.status for r in out[0]] == ["ok", "timeout"]
         assert out[0][0].reward == pytest.approx(1.5)
         assert [r.reward for r in out[1]] == [1.0, 0.5]
