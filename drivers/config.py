@@ -178,6 +178,7 @@ class PipelineConfig(_Section):
     rejection_k: int = Field(8, ge=1, description="Samples per prompt.")
     rejection_epochs: float = Field(2.0, gt=0.0, description="SFT epochs over the kept samples (R1: 2).")
     student_preset: Literal["micro", "tiny", "small", "qwen2.5-0.5b-arch"] = Field("micro")
+    student_path: str | None = Field(None, description="A real student checkpoint (HF dir); None: build student_preset.")
     distill_steps: int = Field(200, ge=1, description="SFT steps of the student (and of its no-teacher twin).")
     sft_batch_size: int = Field(32, ge=1)
     sft_lr: float = Field(1e-3, gt=0.0, le=1.0)

@@ -9,7 +9,7 @@ way resumes from its checkpoint):
   reasoning_rl        GRPO from cold_start: accuracy + format (cold-start layout) + language consistency;
   rejection_sampling  k samples per prompt from reasoning_rl; keep correct, well-formatted,
                       single-language, non-truncated, de-duplicated ones; SFT from the base on them;
-  distill             SFT of a smaller student (pipeline.student_preset) on those samples, and the
+  distill             SFT of a smaller student (pipeline.student_path, or student_preset) on those samples, and the
                       same student with the same SFT budget on the cold-start demonstrations
                       (no teacher) for comparison.
 Then every stage's model is evaluated on the held-out prompts (pass@1 over k samples, format,
@@ -170,7 +170,8 @@ class Pipeline:
         if not samples_path.exists():
             raise RuntimeError("distill needs the rejection_sampling stage's samples (run it first)")
         samples = [json.loads(line) for line in samples_path.read_text().splitlines()]
-        student = str(init_model(p.student_preset, self.out / "distill" / "student-init", seed=self.cfg.seed))
+        student = p.student_path or str(init_model(p.student_preset, self.out / "distill" / "student-init",
+                                                   seed=self.cfg.seed))
         demos = [{"prompt": e["prompt"], "completion": cold_start_demo(e)} for e in self.train_set]
         distilled = self._sft("distill", student, samples, p.distill_steps, name="model")
         baseline = self._sft("distill", student, demos, p.distill_steps, name="no_teacher")

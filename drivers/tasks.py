@@ -7,6 +7,7 @@ the data order of an uninterrupted one.
 from __future__ import annotations
 
 import json
+import re
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,6 +62,16 @@ def split_heldout(examples: list[dict], heldout: int, seed: int) -> tuple[list[d
     return train, held
 
 
+def split_gsm8k_answer(answer: str) -> dict:
+    """GSM8K's "reasoning ... #### 18" -> {"answer": "18", "worked": reasoning without the
+    <<calculator>> annotations}; any other answer is kept as it is."""
+    head, sep, final = answer.rpartition("####")
+    if not sep or not final.strip():
+        return {"answer": answer.strip()}
+    worked = " ".join(re.sub(r"<<[^>]*>>", "", head).split())
+    return {"answer": final.strip().replace(",", ""), **({"worked": worked} if worked else {})}
+
+
 def load_jsonl(path: str | Path, prompt_key: str = "prompt", answer_key: str = "answer",
                max_prompt_chars: int = 8192) -> Dataset:
     """Read {"prompt", "answer"} rows (GSM8K's "question"/"answer" also accepted).
@@ -97,7 +108,7 @@ def load_jsonl(path: str | Path, prompt_key: str = "prompt", answer_key: str = "
             if len(prompt) > max_prompt_chars:
                 skipped.append((lineno, f"prompt too long ({len(prompt)} > {max_prompt_chars} chars)"))
                 continue
-            examples.append({"prompt": prompt, "answer": str(answer)})
+            examples.append({"prompt": prompt, **split_gsm8k_answer(str(answer))})
     return Dataset(examples, skipped)
 
 

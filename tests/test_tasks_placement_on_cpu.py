@@ -1,4 +1,6 @@
 """Pure driver pieces: task data, bad-row handling, data order, placement arithmetic."""
+from pathlib import Path
+
 import pytest
 
 from drivers.placement import plan_placement
@@ -44,6 +46,7 @@ def test_bad_rows_are_counted_with_line_numbers(tmp_path):
     ]))
     data = load_jsonl(path)
     assert [e["prompt"] for e in data.examples] == ["What is 1 + 1?", "GSM8K style?"]
+    assert data.examples[1]["answer"] == "4" and "worked" not in data.examples[1]
     assert [line for line, _ in data.skipped] == [2, 3, 4, 5, 8, 9]
     reasons = dict(data.skipped)
     assert "answer" in reasons[2] and "JSON" in reasons[3] and "prompt" in reasons[4]
@@ -80,3 +83,16 @@ def test_column_addition_worked_steps():
     assert column_addition(99, 9) == "9 + 9 = 18 , 9 + 1 = 10"
     assert column_addition(7, 2) == "7 + 2 = 9"
     assert column_addition(123, 45) == "3 + 5 = 8 , 2 + 4 = 6 , 1 = 1"
+
+
+def test_gsm8k_answers_split_into_reasoning_and_final_number():
+    from drivers.tasks import split_gsm8k_answer
+
+    ex = split_gsm8k_answer("She sells 16 - 3 - 4 = <<16-3-4=9>>9 eggs.\nShe makes 9 * 2 = $<<9*2=18>>18.\n#### 1,018")
+    assert ex == {"answer": "1018", "worked": "She sells 16 - 3 - 4 = 9 eggs. She makes 9 * 2 = $18."}
+    assert split_gsm8k_answer("42") == {"answer": "42"}
+    assert split_gsm8k_answer("#### ") == {"answer": "####"}
+    path = Path(__file__).resolve().parents[1] / "data/gsm8k/train.jsonl"
+    data = load_jsonl(path)
+    assert len(data.examples) == 7473 and not data.skipped
+    assert all(e["answer"].lstrip("-").replace(".", "").isdigit() for e in data.examples)
