@@ -179,7 +179,8 @@ def score_one(completion: str, reference: str, length: int | None = None, *,
     """All components of one completion and their weighted sum (status "ok").
 
     Components with weight 0 are still computed (cheap) and reported, except accuracy (the
-    costly one) and overlong (needs `length`, `max_len` and `cache_len`).
+    costly one) and overlong (needs `length`, `max_len` and `cache_len`). reference None: a
+    general prompt with no verifiable answer (all-scenario RL): no accuracy component.
     """
     weights = {**DEFAULT_WEIGHTS, **(weights or {})}
     unknown = set(weights) - set(DEFAULT_WEIGHTS)
@@ -187,7 +188,7 @@ def score_one(completion: str, reference: str, length: int | None = None, *,
         raise ValueError(f"unknown reward components {sorted(unknown)}; allowed {sorted(DEFAULT_WEIGHTS)}")
     comps = {"format": format_reward(completion, layout),
              "language": language_consistency(chain_of_thought(completion), target_language)}
-    if weights["accuracy"]:
+    if weights["accuracy"] and reference is not None:
         comps["accuracy"] = accuracy_reward(completion, reference)
     if length is not None and max_len and cache_len:
         comps["overlong"] = float(overlong_penalty(length, max_len, cache_len))

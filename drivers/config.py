@@ -75,6 +75,9 @@ class TaskConfig(_Section):
     kind: Literal["arithmetic", "jsonl"] = "arithmetic"
     path: str | None = Field(None, description="jsonl with prompt/answer rows (kind=jsonl).")
     eval_path: str | None = Field(None, description="Held-out jsonl (kind=jsonl); else split.")
+    general_path: str | None = Field(
+        None, description="jsonl of {prompt} rows without a verifiable answer, mixed into training "
+                          "(all-scenario RL): rewarded by the judge (judge.reward_weight) and the format rule.")
     a_max: int = Field(99, ge=1, le=100_000, description="Arithmetic: first operand 0..a_max.")
     b_max: int = Field(9, ge=1, le=100_000, description="Arithmetic: second operand 0..b_max.")
     ops: list[Literal["+", "-", "*"]] = Field(default_factory=lambda: ["+"], min_length=1)
@@ -164,16 +167,23 @@ class JudgeConfig(_Section):
     variant: Literal["attention", "value"] = Field("attention", description="Token score: attention weight or value-weighted norm.")
     unit: Literal["word", "token"] = Field("word", description="What the 2/3 split keeps whole.")
     max_tokens: int = Field(32, ge=1, description="Length of the judge's re-query answers.")
+    reward_weight: float = Field(0.0, ge=0.0, le=100.0, description="Weight of the AGSER score (of the answer "
+                                 "part) in the reward of general prompts (task.general_path); 0: monitor only.")
 
 
 class PipelineConfig(_Section):
     """`r1ray pipeline`: the R1 stages (drivers/pipeline.py), run in this order."""
 
-    stages: list[Literal["zero", "cold_start", "reasoning_rl", "rejection_sampling", "distill"]] = Field(
+    stages: list[Literal["zero", "cold_start", "reasoning_rl", "rejection_sampling", "all_scenario_rl",
+                         "distill"]] = Field(
         default_factory=lambda: ["zero", "cold_start", "reasoning_rl", "rejection_sampling", "distill"])
     zero_steps: int = Field(10, ge=1, description="GRPO steps of R1-Zero (from the base model).")
     cold_start_steps: int = Field(200, ge=1, description="SFT steps on cold-start demonstrations.")
     reasoning_rl_steps: int = Field(20, ge=1)
+    all_scenario_rl_steps: int = Field(10, ge=1, description="GRPO steps on reasoning + general prompts.")
+    general_path: str | None = Field(None, description="General prompts of all_scenario_rl (jsonl {prompt}); "
+                                     "None: the facts world's questions (drivers/agser_eval.py).")
+    judge_reward_weight: float = Field(0.5, gt=0.0, le=100.0, description="all_scenario_rl: judge.reward_weight.")
     rejection_prompts: int = Field(256, ge=1, description="Training prompts sampled for rejection sampling.")
     rejection_k: int = Field(8, ge=1, description="Samples per prompt.")
     rejection_epochs: float = Field(2.0, gt=0.0, description="SFT epochs over the kept samples (R1: 2).")
@@ -187,7 +197,7 @@ class PipelineConfig(_Section):
 
     @model_validator(mode="after")
     def _ordered(self) -> "PipelineConfig":
-        order = ["zero", "cold_start", "reasoning_rl", "rejection_sampling", "distill"]
+        order = ["zero", "cold_start", "reasoning_rl", "rejection_sampling", "all_scenario_rl", "distill"]
         if self.stages != sorted(self.stages, key=order.index) or len(set(self.stages)) != len(self.stages):
             raise ValueError(f"pipeline.stages must be distinct and in the order {order}, got {self.stages}")
         return self
@@ -215,6 +225,9 @@ class Config(_Section):
             raise ValueError(
                 f"rollout.max_tokens ({self.rollout.max_tokens}) must be smaller than "
                 f"rollout.max_model_len ({self.rollout.max_model_len}), which also holds the prompt")
+        if self.task.general_path and not (self.judge.enabled and self.judge.reward_weight > 0):
+            raise ValueError("task.general_path (prompts without a verifiable answer) needs a judge to reward "
+                             "them: set judge.enabled=true and judge.reward_weight > 0")
         if self.reward.overlong_cache_len > self.rollout.max_tokens:
             raise ValueError(f"reward.overlong_cache_len ({self.reward.overlong_cache_len}) must not "
                              f"exceed rollout.max_tokens ({self.rollout.max_tokens})")

@@ -9,12 +9,16 @@ way resumes from its checkpoint):
   reasoning_rl        GRPO from cold_start: accuracy + format (cold-start layout) + language consistency;
   rejection_sampling  k samples per prompt from reasoning_rl; keep correct, well-formatted,
                       single-language, non-truncated, de-duplicated ones; SFT from the base on them;
+  all_scenario_rl     GRPO from rejection_sampling on reasoning prompts (rule rewards) mixed with
+                      general prompts without a checkable answer (pipeline.general_path; default:
+                      the facts world's questions), rewarded by the format rule plus the AGSER
+                      judge's score of the answer part (the R1 paper judges helpfulness on the
+                      summary; harmlessness needs a reward model, which the embedded default has not);
   distill             SFT of a smaller student (pipeline.student_path, or student_preset) on those samples, and the
                       same student with the same SFT budget on the cold-start demonstrations
                       (no teacher) for comparison.
 Then every stage's model is evaluated on the held-out prompts (pass@1 over k samples, format,
-language consistency, length) and a table is printed. all_scenario_rl (reward-model rewards on
-general prompts) needs general prompts and a reward model that the embedded default has not.
+language consistency, length) and a table is printed.
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ from pathlib import Path
 from drivers.config import Config
 
 COLD_START = "|special_token|"
+REASONING_REWARD = {"weights": {"accuracy": 1.0, "format": 0.2, "language": 0.1}, "layout": "cold_start"}
 
 
 def cold_start_demo(ex: dict) -> str:
@@ -80,7 +85,7 @@ class Pipeline:
         tmp.replace(self.out / stage / "done.json")
         return record
 
-    def _grpo(self, stage: str, model: str, steps: int, reward: dict) -> dict:
+    def _grpo(self, stage: str, model: str, steps: int, reward: dict, **sections: dict) -> dict:
         from drivers.config import build_config
         from drivers.train import run_training
 
@@ -89,6 +94,8 @@ class Pipeline:
         data["run"].update(output_dir=str(self.out / stage), name=f"{self.cfg.run.name}-{stage}")
         data["train"].update(steps=steps, sft_steps=0)
         data["reward"].update(reward)
+        for name, values in sections.items():
+            data[name].update(values)
         cfg = build_config(data)
         resume = (self.out / stage / "checkpoints" / "state.json").exists()
         summary = run_training(cfg, resume=resume, shutdown=False)   # one Ray session for all stages
@@ -117,8 +124,7 @@ class Pipeline:
         return self._sft("cold_start", self.base, rows, self.cfg.pipeline.cold_start_steps)
 
     def reasoning_rl(self, prev: str) -> dict:
-        return self._grpo("reasoning_rl", prev, self.cfg.pipeline.reasoning_rl_steps,
-                          {"weights": {"accuracy": 1.0, "format": 0.2, "language": 0.1}, "layout": "cold_start"})
+        return self._grpo("reasoning_rl", prev, self.cfg.pipeline.reasoning_rl_steps, REASONING_REWARD)
 
     def rejection_sampling(self, prev: str) -> dict:
         import ray
@@ -161,6 +167,21 @@ class Pipeline:
             raise RuntimeError(f"rejection sampling kept no sample: {stats}")
         steps = max(1, round(p.rejection_epochs * len(kept) / p.sft_batch_size))
         return {**self._sft("rejection_sampling", self.base, kept, steps), "stats": stats}
+
+    def all_scenario_rl(self, prev: str) -> dict:
+        """GRPO on the reasoning prompts plus general ones (no verifiable answer): rule rewards
+        where the answer can be checked; on general prompts the format rule plus the AGSER judge
+        (the policy itself, weights synced) scoring the answer part (pipeline.judge_reward_weight)."""
+        p = self.cfg.pipeline
+        general = p.general_path
+        if general is None:     # the embedded default: questions about the facts world's countries
+            from drivers.agser_eval import facts_world
+
+            general = self.out / "all_scenario_rl" / "general.jsonl"
+            _write_jsonl(general, [{"prompt": row["question"]} for row in facts_world(seed=self.cfg.seed)["eval"]])
+        return self._grpo("all_scenario_rl", prev, p.all_scenario_rl_steps, REASONING_REWARD,
+                          task={"general_path": str(general)},
+                          judge={"enabled": True, "reward_weight": p.judge_reward_weight})
 
     def distill(self, _prev: str) -> dict:
         from drivers.models import init_model

@@ -73,11 +73,12 @@ def split_gsm8k_answer(answer: str) -> dict:
 
 
 def load_jsonl(path: str | Path, prompt_key: str = "prompt", answer_key: str = "answer",
-               max_prompt_chars: int = 8192) -> Dataset:
+               max_prompt_chars: int = 8192, general: bool = False) -> Dataset:
     """Read {"prompt", "answer"} rows (GSM8K's "question"/"answer" also accepted).
 
-    A bad row (not UTF-8, not JSON, missing or empty fields, too long) is counted and skipped
-    with its line number; it never stops the run.
+    general: rows are prompts without a verifiable answer (all-scenario RL); an answer is not
+    read, and examples carry answer None. A bad row (not UTF-8, not JSON, missing or empty
+    fields, too long) is counted and skipped with its line number; it never stops the run.
     """
     examples, skipped = [], []
     with open(path, "rb") as f:
@@ -102,13 +103,15 @@ def load_jsonl(path: str | Path, prompt_key: str = "prompt", answer_key: str = "
             if not isinstance(prompt, str) or not prompt.strip():
                 skipped.append((lineno, f"missing or empty '{prompt_key}'"))
                 continue
-            if not isinstance(answer, str | int | float) or not str(answer).strip():
+            if general:
+                answer = None
+            elif not isinstance(answer, str | int | float) or not str(answer).strip():
                 skipped.append((lineno, f"missing or empty '{answer_key}'"))
                 continue
             if len(prompt) > max_prompt_chars:
                 skipped.append((lineno, f"prompt too long ({len(prompt)} > {max_prompt_chars} chars)"))
                 continue
-            examples.append({"prompt": prompt, **split_gsm8k_answer(str(answer))})
+            examples.append({"prompt": prompt, **({"answer": None} if general else split_gsm8k_answer(str(answer)))})
     return Dataset(examples, skipped)
 
 

@@ -31,17 +31,21 @@ from drivers.tasks import (arithmetic_examples, load_jsonl, split_heldout, step_
 def load_task(cfg: Config) -> tuple[list[dict], list[dict], list]:
     """(train examples, held-out examples, skipped rows) of the configured task."""
     t = cfg.task
+    general, skipped = [], []
+    if t.general_path:     # prompts without a verifiable answer join the training set (never held out)
+        data = load_jsonl(t.general_path, general=True)
+        general, skipped = data.examples, list(data.skipped)
     if t.kind == "arithmetic":
         train, held = split_heldout(arithmetic_examples(t.a_max, t.b_max, t.ops), t.heldout, cfg.seed)
-        return train, held, []
+        return train + general, held, skipped
     data = load_jsonl(t.path)
-    skipped = list(data.skipped)
+    skipped += data.skipped
     if t.eval_path:
         held_data = load_jsonl(t.eval_path)
         skipped += held_data.skipped
-        return data.examples, held_data.examples[:t.heldout], skipped
+        return data.examples + general, held_data.examples[:t.heldout], skipped
     train, held = split_heldout(data.examples, t.heldout, cfg.seed)
-    return train, held, skipped
+    return train + general, held, skipped
 
 
 # ----------------------------------------------------------------------------- the run
@@ -248,7 +252,35 @@ class Run:
         results = [None] * len(flat)
         for i, out in enumerate(outs):
             results[i::k] = out
+        general = [(i, ex["prompt"], r.text) for i, (ex, r) in enumerate((ex, r) for ex, rs in groups for r in rs)
+                   if ex["answer"] is None]
+        if general:
+            self.judge_rewards(general, results)
         return results
+
+    def judge_rewards(self, general: list[tuple[int, str, str]], results: list) -> None:
+        """All-scenario RL: a general prompt's completion (no verifiable answer) earns
+        judge.reward_weight x its AGSER score (the answer part judged against the judge's
+        re-queries), added to its rule rewards as the "judge" component. Blocks the step."""
+        n = len(self.judges.actors)
+        shards = [general[i::n] for i in range(n)]
+        args = [([q for _, q, _ in s], [t for _, _, t in s], (self.cfg.judge.variant,)) for s in shards]
+        used = list(self.judges.actors)
+        refs = [a.score.remote(*arg) if arg[0] else None for a, arg in zip(used, args)]
+        w = self.cfg.judge.reward_weight
+        for i, ref in enumerate(refs):
+            if ref is None:
+                continue
+            try:
+                judged = self.ray.get(ref)
+            except self.ray.exceptions.RayActorError:   # a dead judge: replace it, judge its shard again
+                self.state["requeued_prompts"] = self.state.get("requeued_prompts", 0) + len(args[i][0])
+                judged = self.ray.get(self._judge_again(i, used[i]).score.remote(*args[i]))
+            for (row, _, _), j in zip(shards[i], judged):
+                res, score = results[row], j[self.cfg.judge.variant]["score"]
+                if res.status == "ok":
+                    res.components["judge"] = score
+                    res.reward += w * score
 
     # ---------------------------------------------------------------- evaluation
     def evaluate(self, examples: list[dict] | None = None) -> dict:
@@ -281,9 +313,9 @@ class Run:
             self.learner.get(self.learner.call("set_lr", cfg.learner.sft_lr))
         from tqdm import tqdm
 
-        last = {}
+        last, verifiable = {}, [ex for ex in self.train_set if ex["answer"] is not None]
         for s in tqdm(range(cfg.train.sft_steps), desc="cold-start SFT", unit="step"):
-            examples = step_prompts(self.train_set, s, cfg.train.sft_batch_size, cfg.seed + 7)
+            examples = step_prompts(verifiable, s, cfg.train.sft_batch_size, cfg.seed + 7)
             rows, plens = sft_rows(self.tokenizer, [{"prompt": ex["prompt"], "completion": worked_example(ex)}
                                                     for ex in examples])
             last = self.learner.get(self.learner.call_each(
@@ -390,6 +422,17 @@ class Run:
                         shards, list(self.judges.actors))
         return metrics
 
+    def _judge_again(self, i: int, used):
+        """Judge i died while `used` was in its place: its replacement, holding the current policy
+        when the judge is the policy (a weight sync may have replaced and loaded it already)."""
+        if self.judges.actors[i] is not used:
+            return self.judges.actors[i]
+        judge = self._restart(self.judges, i)
+        if not self.cfg.judge.model_path:
+            handles = self.learner.get(self.learner.call("export_weights"))[0]
+            self.ray.get(judge.update_weights.remote(handles, self.state["version"]))
+        return judge
+
     def collect_judging(self) -> dict:
         """Wait for the judges' last launch (if any) and summarise it as agser/* metrics."""
         if self.judging is None:
@@ -402,15 +445,8 @@ class Run:
             try:
                 judged += self.ray.get(ref)
             except self.ray.exceptions.RayActorError:  # a dead judge: replace it, judge its shard again
-                if self.judges.actors[i] is not used[i]:    # a weight sync replaced (and loaded) it already
-                    judge = self.judges.actors[i]
-                else:
-                    judge = self._restart(self.judges, i)
-                    if not self.cfg.judge.model_path:       # a policy judge: load the current weights
-                        handles = self.learner.get(self.learner.call("export_weights"))[0]
-                        self.ray.get(judge.update_weights.remote(handles, self.state["version"]))
                 self.state["requeued_prompts"] = self.state.get("requeued_prompts", 0) + len(shard[0])
-                judged += self.ray.get(judge.score.remote(*shard))
+                judged += self.ray.get(self._judge_again(i, used[i]).score.remote(*shard))
         v = self.cfg.judge.variant
         scores = [j[v]["score"] for j in judged]
         return {"agser/score_mean": sum(scores) / len(scores),

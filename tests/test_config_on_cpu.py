@@ -55,6 +55,9 @@ def test_cross_field_check_and_every_error_reported():
     with pytest.raises(ConfigError) as e:
         build_config({"rollout": {"top_p": 0, "num_workers": 0}})
     assert "rollout.top_p" in str(e.value) and "rollout.num_workers" in str(e.value)
+    with pytest.raises(ConfigError, match="task.general_path .* judge.enabled=true and judge.reward_weight > 0"):
+        build_config({"task": {"general_path": "general.jsonl"}, "judge": {"enabled": True}})
+    assert build_config({"task": {"general_path": "g.jsonl"}, "judge": {"enabled": True, "reward_weight": 0.5}})
 
 
 def test_bad_files_and_overrides(tmp_path):

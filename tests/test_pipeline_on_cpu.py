@@ -36,14 +36,15 @@ def test_tiny_pipeline_runs_every_stage_and_resumes_stage_by_stage(ray_session, 
     args = ["pipeline", "configs/tiny.yaml", f"run.output_dir={out}", "run.wandb_mode=disabled",
             "task.heldout=16", "train.eval_every=0", "train.prompts_per_step=8", "rollout.group_size=4",
             "pipeline.zero_steps=2", "pipeline.cold_start_steps=150", "pipeline.reasoning_rl_steps=3",
+            "pipeline.all_scenario_rl_steps=2", "judge.share=0.125",
             "pipeline.rejection_prompts=48", "pipeline.rejection_k=4", "pipeline.distill_steps=60",
             "pipeline.eval_k=2"]
     assert main(args) == 0
     result = json.loads((out / "pipeline.json").read_text())
     table = result["eval"]
     print(json.dumps(table))
-    assert set(table) == {"base", "zero", "cold_start", "reasoning_rl", "rejection_sampling", "distill",
-                          "distill_no_teacher"}
+    assert set(table) == {"base", "zero", "cold_start", "reasoning_rl", "rejection_sampling", "all_scenario_rl",
+                          "distill", "distill_no_teacher"}
     assert table["cold_start"]["format"] > table["base"]["format"]          # the layout was learned
     stats = result["stages"]["rejection_sampling"]["stats"]
     assert stats["sampled"] == 48 * 4 and 0 < stats["kept"] <= stats["sampled"]
@@ -51,8 +52,13 @@ def test_tiny_pipeline_runs_every_stage_and_resumes_stage_by_stage(ray_session, 
         + stats["kept"] == stats["sampled"]                                 # every sample accounted for
     kept = (out / "rejection_sampling" / "samples.jsonl").read_text().splitlines()
     assert len(kept) == stats["kept"]
+    # all-scenario RL: general prompts (no answer) were rewarded by the judge in its steps
+    rows = [json.loads(x) for x in (out / "all_scenario_rl" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "reward/mean" in r]
+    assert len(steps) == 2 and any("reward/judge" in r for r in steps)
+    assert all(-1.0 <= r["reward/judge"] <= 1.0 for r in steps if "reward/judge" in r)
     # a finished pipeline is not run again: every stage is skipped
     capsys.readouterr()
     assert main(args) == 0
     log = capsys.readouterr().out
-    assert log.count("done already") == 5 and "== stage zero (from" not in log
+    assert log.count("done already") == 6 and "== stage zero (from" not in log

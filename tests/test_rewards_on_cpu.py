@@ -197,3 +197,11 @@ def test_reward_workers_as_ray_actors(ray_session):
     finally:
         for w in workers:
             ray.kill(w)
+
+
+def test_general_prompt_without_reference_gets_no_accuracy_component():
+    text = "<think>a</think><answer>Paris</answer>"
+    general = score_one(text, None, weights={"accuracy": 1.0, "format": 0.5})
+    assert "accuracy" not in general.components and general.reward == pytest.approx(0.5)
+    checked = score_one(text, "Paris", weights={"accuracy": 1.0, "format": 0.5})
+    assert checked.components["accuracy"] == 1.0 and checked.reward == pytest.approx(1.5)

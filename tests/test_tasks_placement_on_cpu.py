@@ -47,6 +47,9 @@ def test_bad_rows_are_counted_with_line_numbers(tmp_path):
     data = load_jsonl(path)
     assert [e["prompt"] for e in data.examples] == ["What is 1 + 1?", "GSM8K style?"]
     assert data.examples[1]["answer"] == "4" and "worked" not in data.examples[1]
+    general = load_jsonl(path, general=True)       # prompts without a verifiable answer: answer None
+    assert [e["answer"] for e in general.examples] == [None, None, None]
+    assert [line for line, _ in general.skipped] == [3, 4, 5, 8, 9]
     assert [line for line, _ in data.skipped] == [2, 3, 4, 5, 8, 9]
     reasons = dict(data.skipped)
     assert "answer" in reasons[2] and "JSON" in reasons[3] and "prompt" in reasons[4]
