@@ -187,6 +187,8 @@ class PipelineConfig(_Section):
     rejection_prompts: int = Field(256, ge=1, description="Training prompts sampled for rejection sampling.")
     rejection_k: int = Field(8, ge=1, description="Samples per prompt.")
     rejection_epochs: float = Field(2.0, gt=0.0, description="SFT epochs over the kept samples (R1: 2).")
+    rejection_add_demos: bool = Field(True, description="Add the cold-start demonstrations to the rejection-sampling "
+                                      "SFT set (R1 adds ~200k non-reasoning samples to ~600k reasoning ones).")
     student_preset: Literal["micro", "tiny", "small", "qwen2.5-0.5b-arch"] = Field("micro")
     student_path: str | None = Field(None, description="A real student checkpoint (HF dir); None: build student_preset.")
     distill_steps: int = Field(200, ge=1, description="SFT steps of the student (and of its no-teacher twin).")

@@ -8,15 +8,17 @@ way resumes from its checkpoint):
                       |special_token|<reasoning>|special_token|<summary> layout;
   reasoning_rl        GRPO from cold_start: accuracy + format (cold-start layout) + language consistency;
   rejection_sampling  k samples per prompt from reasoning_rl; keep correct, well-formatted,
-                      single-language, non-truncated, de-duplicated ones; SFT from the base on them;
+                      single-language, non-truncated, de-duplicated ones; SFT from the base on them
+                      plus the cold-start demonstrations (R1 adds ~200k non-reasoning SFT samples
+                      to its ~600k rejection-sampled ones; pipeline.rejection_add_demos);
   all_scenario_rl     GRPO from rejection_sampling on reasoning prompts (rule rewards) mixed with
                       general prompts without a checkable answer (pipeline.general_path; default:
                       the facts world's questions), rewarded by the format rule plus the AGSER
                       judge's score of the answer part (the R1 paper judges helpfulness on the
                       summary; harmlessness needs a reward model, which the embedded default has not);
-  distill             SFT of a smaller student (pipeline.student_path, or student_preset) on those samples, and the
-                      same student with the same SFT budget on the cold-start demonstrations
-                      (no teacher) for comparison.
+  distill             SFT of a smaller student (pipeline.student_path, or student_preset) on that
+                      SFT set (as R1 distills with its 800k samples), and the same student with the
+                      same SFT budget on the cold-start demonstrations alone (no teacher).
 Then every stage's model is evaluated on the held-out prompts (pass@1 over k samples, format,
 language consistency, length) and a table is printed.
 """
@@ -97,6 +99,7 @@ class Pipeline:
         for name, values in sections.items():
             data[name].update(values)
         cfg = build_config(data)
+        print(f"   GRPO from {model}", flush=True)
         resume = (self.out / stage / "checkpoints" / "state.json").exists()
         summary = run_training(cfg, resume=resume, shutdown=False)   # one Ray session for all stages
         return {"model": str(self.out / stage / "checkpoints" / "hf"),
@@ -109,6 +112,7 @@ class Pipeline:
         data = self.out / stage / f"{name}_data.jsonl"
         _write_jsonl(data, rows)
         epochs = steps * p.sft_batch_size / max(len(rows), 1)
+        print(f"   SFT ({name}) from {model} on {len(rows)} rows", flush=True)
         summary = run_sft(model, str(data), str(self.out / stage / name), epochs=epochs,
                           batch_size=p.sft_batch_size, lr=p.sft_lr, warmup_steps=p.sft_warmup_steps,
                           seed=self.cfg.seed, dtype=self.cfg.model.dtype)
@@ -120,8 +124,7 @@ class Pipeline:
                           {"weights": {"accuracy": 1.0, "format": 0.2}, "layout": "r1"})
 
     def cold_start(self, _prev: str) -> dict:
-        rows = [{"prompt": e["prompt"], "completion": cold_start_demo(e)} for e in self.train_set]
-        return self._sft("cold_start", self.base, rows, self.cfg.pipeline.cold_start_steps)
+        return self._sft("cold_start", self.base, self.demos(), self.cfg.pipeline.cold_start_steps)
 
     def reasoning_rl(self, prev: str) -> dict:
         return self._grpo("reasoning_rl", prev, self.cfg.pipeline.reasoning_rl_steps, REASONING_REWARD)
@@ -165,8 +168,14 @@ class Pipeline:
         _write_jsonl(self.out / "rejection_sampling" / "samples.jsonl", kept)
         if not kept:
             raise RuntimeError(f"rejection sampling kept no sample: {stats}")
-        steps = max(1, round(p.rejection_epochs * len(kept) / p.sft_batch_size))
-        return {**self._sft("rejection_sampling", self.base, kept, steps), "stats": stats}
+        rows = kept + (self.demos() if p.rejection_add_demos else [])
+        stats["sft_rows"] = len(rows)
+        steps = max(1, round(p.rejection_epochs * len(rows) / p.sft_batch_size))
+        return {**self._sft("rejection_sampling", self.base, rows, steps), "stats": stats}
+
+    def demos(self) -> list[dict]:
+        """The cold-start demonstrations: one per training prompt."""
+        return [{"prompt": e["prompt"], "completion": cold_start_demo(e)} for e in self.train_set]
 
     def all_scenario_rl(self, prev: str) -> dict:
         """GRPO on the reasoning prompts plus general ones (no verifiable answer): rule rewards
@@ -187,15 +196,14 @@ class Pipeline:
         from drivers.models import init_model
 
         p = self.cfg.pipeline
-        samples_path = self.out / "rejection_sampling" / "samples.jsonl"
+        samples_path = self.out / "rejection_sampling" / "model_data.jsonl"   # its SFT set, as in R1
         if not samples_path.exists():
-            raise RuntimeError("distill needs the rejection_sampling stage's samples (run it first)")
+            raise RuntimeError("distill needs the rejection_sampling stage's SFT set (run it first)")
         samples = [json.loads(line) for line in samples_path.read_text().splitlines()]
         student = p.student_path or str(init_model(p.student_preset, self.out / "distill" / "student-init",
                                                    seed=self.cfg.seed))
-        demos = [{"prompt": e["prompt"], "completion": cold_start_demo(e)} for e in self.train_set]
         distilled = self._sft("distill", student, samples, p.distill_steps, name="model")
-        baseline = self._sft("distill", student, demos, p.distill_steps, name="no_teacher")
+        baseline = self._sft("distill", student, self.demos(), p.distill_steps, name="no_teacher")
         return {**distilled, "no_teacher_model": baseline["model"]}
 
     # ------------------------------------------------------------------ all
@@ -207,7 +215,7 @@ class Pipeline:
         for stage in self.cfg.pipeline.stages:
             record = self.done(stage)
             if record is None:
-                print(f"== stage {stage} (from {prev})", flush=True)
+                print(f"== stage {stage}", flush=True)
                 (self.out / stage).mkdir(parents=True, exist_ok=True)
                 t0 = time.perf_counter()
                 record = getattr(self, stage)(prev)

@@ -160,6 +160,17 @@ def test_judge_pool_runs_inside_training_and_logs_to_wandb(ray_session, tiny_mod
         # the policy judge got every weight sync: its engine matches the rollout worker's
         judge_sum = ray_session.get(run.judges.actors[0].checksum.remote())
         assert judge_sum == pytest.approx(ray_session.get(run.rollouts[0].checksum.remote()))
+        # all-scenario reward: a general prompt's completion gains reward_weight x the judge's score
+        from actors.rewards import RewardResult
+
+        run.cfg.judge.reward_weight = 0.5
+        q, text = "What is the capital of Zorvia?", "<think>hm</think><answer> 12 </answer>"
+        expect = ray_session.get(run.judges.actors[0].score.remote([q], [text], ("attention",)))[0]
+        results = [RewardResult(0.2, components={"format": 1.0}), RewardResult(None, status="timeout")]
+        run.judge_rewards([(0, q, text), (1, q, text)], results)
+        assert results[0].components == {"format": 1.0, "judge": expect["attention"]["score"]}
+        assert results[0].reward == pytest.approx(0.2 + 0.5 * expect["attention"]["score"])
+        assert results[1].reward is None and "judge" not in results[1].components   # a failed score stays failed
     finally:
         run.close()
     rows = [r for r in run.logger.history() if "agser/score_mean" in r]

@@ -48,10 +48,12 @@ def test_tiny_pipeline_runs_every_stage_and_resumes_stage_by_stage(ray_session, 
     assert table["cold_start"]["format"] > table["base"]["format"]          # the layout was learned
     stats = result["stages"]["rejection_sampling"]["stats"]
     assert stats["sampled"] == 48 * 4 and 0 < stats["kept"] <= stats["sampled"]
-    assert sum(v for k, v in stats.items() if k not in ("sampled", "kept", "prompts_with_a_kept_sample")) \
+    assert sum(v for k, v in stats.items() if k not in ("sampled", "kept", "prompts_with_a_kept_sample", "sft_rows")) \
         + stats["kept"] == stats["sampled"]                                 # every sample accounted for
     kept = (out / "rejection_sampling" / "samples.jsonl").read_text().splitlines()
     assert len(kept) == stats["kept"]
+    sft_set = (out / "rejection_sampling" / "model_data.jsonl").read_text().splitlines()
+    assert len(sft_set) == stats["sft_rows"] > stats["kept"]     # + the cold-start demonstrations (R1's mix)
     # all-scenario RL: general prompts (no answer) were rewarded by the judge in its steps
     rows = [json.loads(x) for x in (out / "all_scenario_rl" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "reward/mean" in r]
@@ -61,4 +63,4 @@ def test_tiny_pipeline_runs_every_stage_and_resumes_stage_by_stage(ray_session, 
     capsys.readouterr()
     assert main(args) == 0
     log = capsys.readouterr().out
-    assert log.count("done already") == 6 and "== stage zero (from" not in log
+    assert log.count("done already") == 6 and "== stage zero\n" not in log
