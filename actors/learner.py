@@ -235,7 +235,12 @@ class Learner:
         batch = dict(batch)
         olds, refs = [None] * len(batch["input_ids"]), [None] * len(batch["input_ids"])
         micro, share = self._plan(batch, share=True)
-        for idx in filter(None, micro):
+        pad = {"input_ids": [[0, 0, 0]], "prompt_lens": [2]}
+        for idx in micro:
+            if not idx:     # ZeRO-3 gathers parameters in every forward: all ranks run as many
+                for model in [self.engine] * need_old + [self.ref] * (self.ref is not None):
+                    self._forward(model, pad, [0], share)
+                continue
             if need_old:
                 mb, logits = self._forward(self.engine, batch, idx, share)
                 old_lp = token_logprobs(logits, mb["targets"], self.temperature)

@@ -189,13 +189,15 @@ def test_resume_nan_guard_sft_and_export(ray_session, tiny_model_path, tmp_path,
                                                  version + 1))
 
 
-def test_reference_model_and_learner_side_old_logp(ray_session, tiny_model_path):
+@pytest.mark.parametrize("world,stage", [(1, 2), (2, 3)])
+def test_reference_model_and_learner_side_old_logp(ray_session, tiny_model_path, world, stage):
     """beta > 0 loads a reference; old_logp="learner" recomputes the proximal policy and weights
     tokens by min(exp(old - behavior), cap). First step: ref == old == current, so ratio 1, KL 0,
-    and the loss is the token mean of -A * w, computed here from the HF model."""
+    and the loss is the token mean of -A * w, computed here from the HF model. 2 ranks, ZeRO-3,
+    uneven shards: the rank with fewer micro-batches still runs every parameter gather."""
     from transformers import AutoModelForCausalLM
 
-    batch = make_batch(tiny_model_path, n_rows=4, seed=3, group_size=2)   # shared prompts: old and ref too
+    batch = make_batch(tiny_model_path, n_rows=4 * world, seed=3, group_size=2)   # shared prompts: old and ref too
     model = AutoModelForCausalLM.from_pretrained(tiny_model_path).eval()
     num, den = 0.0, 0
     for ids, p, a, b in zip(batch["input_ids"], batch["prompt_lens"], batch["advantages"], batch["behavior_logp"]):
@@ -205,9 +207,9 @@ def test_reference_model_and_learner_side_old_logp(ray_session, tiny_model_path)
         w = torch.exp(old - torch.tensor(b)).clamp(max=2.0)
         num += float((-a * w).sum())
         den += len(b)
-    group = learner_group(tiny_model_path, 1, 2, beta=0.1, old_logp="learner", is_cap=2.0)
+    group = learner_group(tiny_model_path, world, stage, beta=0.1, old_logp="learner", is_cap=2.0)
     try:
-        m = group.get(group.call("train_step", batch))[0]
+        m = group.get(group.call_each("train_step", shard(batch, world)), timeout=300)[0]
     finally:
         group.kill()
     assert m["train/kl"] == pytest.approx(0.0, abs=1e-6)
