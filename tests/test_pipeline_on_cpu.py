@@ -36,7 +36,7 @@ def test_tiny_pipeline_runs_every_stage_and_resumes_stage_by_stage(ray_session, 
     args = ["pipeline", "configs/tiny.yaml", f"run.output_dir={out}", "run.wandb_mode=disabled",
             "task.heldout=16", "train.eval_every=0", "train.prompts_per_step=8", "rollout.group_size=4",
             "pipeline.zero_steps=2", "pipeline.cold_start_steps=150", "pipeline.reasoning_rl_steps=3",
-            "pipeline.all_scenario_rl_steps=2", "judge.share=0.125",
+            "pipeline.all_scenario_rl_steps=2", "judge.share=0.125", "pipeline.rejection_epochs=1",
             "pipeline.rejection_prompts=48", "pipeline.rejection_k=4", "pipeline.distill_steps=60",
             "pipeline.eval_k=2"]
     assert main(args) == 0
