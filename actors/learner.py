@@ -49,6 +49,10 @@ def pack_micro_batches(lengths: list[int], token_budget: int) -> list[list[int]]
     return batches
 
 
+# a row that keeps a rank's forward passes in step with the others' when it has no rows left
+PAD_ROW = {"input_ids": [[0, 0, 0]], "prompt_lens": [2]}
+
+
 def pack_prompt_groups(input_ids: list[list[int]], prompt_lens: list[int], token_budget: int) -> list[list[int]]:
     """Micro-batches of rows that share one prompt, for the shared-prefix forward.
 
@@ -224,7 +228,6 @@ class Learner:
                        use_cache=True).logits[:, :-1]
         return mb, logits
 
-
     # ------------------------------------------------------------------ GRPO
     @torch.no_grad()
     def _fill_old_and_ref(self, batch: dict) -> dict:
@@ -235,11 +238,10 @@ class Learner:
         batch = dict(batch)
         olds, refs = [None] * len(batch["input_ids"]), [None] * len(batch["input_ids"])
         micro, share = self._plan(batch, share=True)
-        pad = {"input_ids": [[0, 0, 0]], "prompt_lens": [2]}
         for idx in micro:
             if not idx:     # ZeRO-3 gathers parameters in every forward: all ranks run as many
                 for model in [self.engine] * need_old + [self.ref] * (self.ref is not None):
-                    self._forward(model, pad, [0], share)
+                    self._forward(model, PAD_ROW, [0], share)
                 continue
             if need_old:
                 mb, logits = self._forward(self.engine, batch, idx, share)
@@ -289,7 +291,7 @@ class Learner:
     def _dummy_loss(self, share: bool) -> torch.Tensor:
         """A zero loss through a real forward of the same kind as the other ranks': keeps every
         rank's backward passes (and ZeRO's collectives) aligned when this rank has fewer micro-batches."""
-        _, logits = self._forward(self.engine, {"input_ids": [[0, 0, 0]], "prompt_lens": [2]}, [0], share)
+        _, logits = self._forward(self.engine, PAD_ROW, [0], share)
         return logits.sum() * 0.0
 
     def _apply_step(self, losses_finite: bool) -> tuple[bool, float]:
