@@ -3,7 +3,9 @@
     .venv/bin/python benchmarks/learner.py [--rows 32] [--completion 192] [--repeats 5]
 
 Both run as Ray actors with the same thread count on the same batch, one after the other.
-Prints JSON: median step seconds of each, their ratio (goal <= 1.3), peak memory per rank.
+Prints JSON: median step seconds of each, their ratio (goal <= 1.3), peak memory per rank; and
+"shared_prompt": the learner on GRPO-shaped rows (groups of 8 sharing a prompt) with
+learner.share_prefix off and on, and the speed-up.
 """
 from __future__ import annotations
 
