@@ -136,11 +136,16 @@ def roc_auc(scores: list[float], labels: list[int]) -> float:
 
 
 def answer_text(completion: str) -> str:
-    """What Rouge compares: the <answer> span when there is one, else the whole completion."""
-    from actors.rewards import extract_answer
+    """What Rouge compares: the <answer> span; after an unclosed <answer> (cut at max_tokens) the
+    rest; else the whole completion without think tags."""
+    from actors.rewards import ANSWER, extract_answer
 
     inner = extract_answer(completion)
-    return inner if inner is not None else completion.replace("<think>", " ").replace("</think>", " ")
+    if inner is not None:
+        return inner
+    if ANSWER in completion:
+        return completion[completion.rfind(ANSWER) + len(ANSWER):].strip()
+    return completion.replace("<think>", " ").replace("</think>", " ")
 
 
 class JudgeWorker:

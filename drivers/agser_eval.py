@@ -54,15 +54,66 @@ def facts_world(n_known: int = 40, n_unknown: int = 40, seed: int = 0, phrasings
     return {"sft": sft, "eval": evaluation}
 
 
-def write_facts_world(out: str | Path, **kwargs) -> dict:
-    """facts_world written as out/sft.jsonl and out/eval.jsonl; returns the counts."""
+# The paper's Books set in miniature: "Who wrote <title>?" with a two-word author. Titles and
+# authors are built from shared word pools, so an unknown title is made of familiar words.
+BOOK_TITLE_WORDS = (
+    ["Silent", "Hollow", "Crimson", "Distant", "Broken", "Golden", "Quiet", "Frozen", "Hidden", "Burning",
+     "Pale", "Wild", "Iron", "Lost", "Bitter", "Velvet"],
+    ["Garden", "River", "Tower", "Orchard", "Harbor", "Mirror", "Lantern", "Forest", "Bridge", "Meadow",
+     "Crown", "Winter", "Island", "Letter", "Voyage", "Shadow"],
+    ["Morrow", "Kesh", "Dunmar", "Tollis", "Varo", "Ostra", "Fenn", "Brevik", "Plim", "Quillon", "Sarn",
+     "Ulm", "Arden", "Corvo", "Lisk", "Thale"])
+BOOK_AUTHOR_WORDS = (
+    ["Ana", "Boris", "Clara", "Dmitri", "Elena", "Felix", "Greta", "Hugo", "Ines", "Jonas", "Katya", "Luca"],
+    ["Quill", "Marsh", "Holt", "Renner", "Sallow", "Venn", "Okafor", "Lindqvist", "Petrov", "Achebe",
+     "Moreau", "Tanaka"])
+BOOK_QUESTIONS = ["Who wrote {t}?", "Who is the author of {t}?", "{t} was written by whom?",
+                  "Name the writer of {t}."]
+
+
+def books_world(n_known: int = 96, n_unknown: int = 96, seed: int = 0, phrasings: int = 1) -> dict:
+    """Invented books "The <Adjective> <Noun> of <Place>", each by a two-word author.
+
+    The same shape as facts_world: {"sft": the known books' authors, each asked in `phrasings`
+    phrasings, "eval": every book asked "Who wrote <title>?" with "known"}. Answers of two words
+    give Rouge-L partial credit (a hallucinated author is often half right). Titles are unique.
+    """
+    if not 1 <= phrasings <= len(BOOK_QUESTIONS):
+        raise ValueError(f"phrasings must be in 1..{len(BOOK_QUESTIONS)}, got {phrasings}")
+    adjectives, nouns, places = BOOK_TITLE_WORDS
+    if n_known + n_unknown > len(adjectives) * len(nouns) * len(places):
+        raise ValueError(f"at most {len(adjectives) * len(nouns) * len(places)} distinct titles")
+    rng = random.Random(seed)
+    titles: list[str] = []
+    while len(titles) < n_known + n_unknown:
+        title = f"The {rng.choice(adjectives)} {rng.choice(nouns)} of {rng.choice(places)}"
+        if title not in titles:
+            titles.append(title)
+    sft, evaluation = [], []
+    for idx, title in enumerate(titles):
+        known = idx < n_known
+        author = " ".join(rng.choice(words) for words in BOOK_AUTHOR_WORDS)
+        if known:
+            sft += [{"prompt": q.format(t=title), "completion": f"<answer> {author} </answer>"}
+                    for q in BOOK_QUESTIONS[:phrasings]]
+        evaluation.append({"question": BOOK_QUESTIONS[0].format(t=title), "answers": [author], "known": known})
+    return {"sft": sft, "eval": evaluation}
+
+
+WORLDS = {"countries": facts_world, "books": books_world}
+
+
+def write_facts_world(out: str | Path, world: str = "countries", **kwargs) -> dict:
+    """A facts world ("countries" or "books") written as out/sft.jsonl and out/eval.jsonl; returns the counts."""
+    if world not in WORLDS:
+        raise ValueError(f"world must be one of {sorted(WORLDS)}, got {world!r}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    world = facts_world(**kwargs)
+    rows = WORLDS[world](**kwargs)
     for name in ("sft", "eval"):
         with open(out / f"{name}.jsonl", "w") as f:
-            f.writelines(json.dumps(row) + "\n" for row in world[name])
-    return {"sft_rows": len(world["sft"]), "eval_rows": len(world["eval"]), "out": str(out)}
+            f.writelines(json.dumps(row) + "\n" for row in rows[name])
+    return {"world": world, "sft_rows": len(rows["sft"]), "eval_rows": len(rows["eval"]), "out": str(out)}
 
 
 def load_agser_rows(path: str | Path) -> tuple[list[dict], list[tuple[int, str]]]:
@@ -93,7 +144,7 @@ def matches(answer: str, accepted: list[str]) -> bool:
     return any(norm == " ".join(a.lower().split()) for a in accepted)
 
 
-def run_agser_eval(model: str, data: str, *, n_samples: int = 20, max_tokens: int = 16,
+def run_agser_eval(model: str, data: str, *, n_samples: int = 20, max_tokens: int = 40,
                    dtype: str = "float32", layers: str = "all", frac: float = 2 / 3, unit: str = "word",
                    seed: int = 0) -> dict:
     """AUCs of AGSER (attention / value variants), r_att alone and self-consistency; calls per query."""
@@ -102,6 +153,8 @@ def run_agser_eval(model: str, data: str, *, n_samples: int = 20, max_tokens: in
     from actors.agser import JudgeWorker, roc_auc
     from drivers.ray_utils import init_ray
 
+    if not 0 < frac < 1:
+        raise ValueError(f"frac must be in (0, 1), got {frac}")
     rows, skipped = load_agser_rows(data)
     for lineno, why in skipped[:20]:
         print(f"skipped data row {lineno}: {why}")

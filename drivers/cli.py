@@ -7,7 +7,7 @@
     r1ray sft --model PATH --data F.jsonl --out DIR    SFT on {"prompt", "completion"} rows
     r1ray eval --model PATH --data F.jsonl [--k 8]     pass@1 (mean of k), pass@k, cons@k, length
     r1ray agser-eval --model PATH --data F.jsonl      AUC of AGSER hallucination scores vs a baseline
-    r1ray facts-world --out DIR                       write the facts world (sft.jsonl, eval.jsonl)
+    r1ray facts-world --out DIR [--world books]     write a facts world (sft.jsonl, eval.jsonl)
     r1ray pipeline CONFIG [a.b=value ...]             the R1 stages, each feeding the next (resumable)
 
 Runs unchanged under `ray job submit -- r1ray ...` (ray.init() joins the job's cluster).
@@ -114,7 +114,8 @@ def _cmd_agser_eval(args) -> int:
     from drivers.agser_eval import run_agser_eval
 
     result = run_agser_eval(args.model, args.data, n_samples=args.n_samples, max_tokens=args.max_tokens,
-                            dtype=args.dtype, layers=args.layers, unit=args.unit, seed=args.seed)
+                            dtype=args.dtype, layers=args.layers, unit=args.unit, frac=args.frac,
+                            seed=args.seed)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
@@ -125,7 +126,9 @@ def _cmd_agser_eval(args) -> int:
 def _cmd_facts_world(args) -> int:
     from drivers.agser_eval import write_facts_world
 
-    print(json.dumps(write_facts_world(args.out, n_known=args.known, n_unknown=args.unknown, seed=args.seed)))
+    sizes = {k: v for k, v in (("n_known", args.known), ("n_unknown", args.unknown), ("phrasings", args.phrasings))
+             if v is not None}  # unset: the world's own defaults
+    print(json.dumps(write_facts_world(args.out, world=args.world, seed=args.seed, **sizes)))
     return 0
 
 
@@ -195,9 +198,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--model", required=True, help="HF model directory (the judge and answerer)")
     q.add_argument("--data", required=True, help='jsonl rows {"question": ..., "answers": [accepted, ...]}')
     q.add_argument("--n-samples", type=_positive(int), default=20, help="self-consistency baseline samples")
-    q.add_argument("--max-tokens", type=_positive(int), default=16)
+    q.add_argument("--max-tokens", type=_positive(int), default=40, help="answer length (tokens: bytes here)")
     q.add_argument("--layers", default="all", choices=["all", "first", "last"])
     q.add_argument("--unit", default="word", choices=["word", "token"], help="what the 2/3 split keeps")
+    q.add_argument("--frac", type=float, default=2 / 3, help="share of query units in the attentive query")
     q.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--out", default=None, help="also write the JSON here")
@@ -205,8 +209,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("facts-world", help="write the AGSER facts world: sft.jsonl (known) and eval.jsonl (all)")
     q.add_argument("--out", required=True)
-    q.add_argument("--known", type=_positive(int), default=40)
-    q.add_argument("--unknown", type=_positive(int), default=40)
+    q.add_argument("--world", default="countries", choices=["countries", "books"],
+                   help="countries: capital/language/currency of invented countries; books: two-word authors")
+    q.add_argument("--known", type=_positive(int), default=None, help="entities whose facts are in sft.jsonl")
+    q.add_argument("--unknown", type=_positive(int), default=None, help="entities only asked about")
+    q.add_argument("--phrasings", type=_positive(int), default=None, help="phrasings of each known fact")
     q.add_argument("--seed", type=int, default=0)
     q.set_defaults(fn=_cmd_facts_world)
     return p

@@ -1,5 +1,7 @@
 """AGSER: the split, the score aggregation and the Rouge combination by hand; the judge on a real model."""
+import json
 import math
+import re
 
 import pytest
 import torch
@@ -57,6 +59,15 @@ def test_agser_score_combination():
     r = agser_score("the river Seine", "the Seine", "the river Thames", lam=0.5)
     assert r["r_att"] == pytest.approx(0.8) and r["r_non_att"] == pytest.approx(2 / 3)
     assert r["score"] == pytest.approx(0.5 * 0.8 - 2 / 3)
+
+
+def test_answer_text_compares_the_answer_part():
+    from actors.agser import answer_text
+
+    assert answer_text(" <think> a </think> <answer> Katya Quill </answer>") == "Katya Quill"
+    assert answer_text(" <answer> Katya Lindq") == "Katya Lindq"        # cut at max_tokens: no tag word
+    assert answer_text("<think> x </think> plain") == "  x   plain"
+    assert rouge_l(answer_text(" <answer> Ana"), answer_text("<answer> Ana Holt </answer>")) == pytest.approx(2 / 3)
 
 
 def test_roc_auc_by_hand():
@@ -209,3 +220,35 @@ def test_agser_rows_and_facts_world(tmp_path):
     unknown = [r["question"] for r in world["eval"] if not r["known"]]
     names = {q.rsplit(" ", 1)[-1].rstrip("?") for q in unknown}
     assert not any(n in r["prompt"] for n in names for r in world["sft"])   # never seen in training
+
+
+def test_books_world_and_its_command(tmp_path, capsys):
+    from drivers.agser_eval import books_world, run_agser_eval, write_facts_world
+    from drivers.cli import main
+
+    world = books_world(n_known=5, n_unknown=4, seed=2, phrasings=2)
+    assert len(world["sft"]) == 5 * 2 and len(world["eval"]) == 9
+    titles = [r["question"].removeprefix("Who wrote ").removesuffix("?") for r in world["eval"]]
+    assert len(set(titles)) == 9 and all(re.fullmatch(r"The \w+ \w+ of \w+", t) for t in titles)
+    assert all(len(r["answers"][0].split()) == 2 for r in world["eval"])       # two-word authors
+    trained = {r["prompt"]: r["completion"] for r in world["sft"]}
+    for row, title in zip(world["eval"], titles):
+        if row["known"]:  # asked as trained, in both phrasings, with its author
+            assert trained[row["question"]] == trained[f"Who is the author of {title}?"] == \
+                f"<answer> {row['answers'][0]} </answer>"
+        else:             # never seen in training
+            assert not any(title in prompt for prompt in trained)
+    assert [r["known"] for r in world["eval"]] == [True] * 5 + [False] * 4
+    with pytest.raises(ValueError, match="phrasings"):
+        books_world(phrasings=5)
+    with pytest.raises(ValueError, match="world must be one of"):
+        write_facts_world(tmp_path, world="movies")
+    with pytest.raises(ValueError, match="frac must be in"):   # before any actor starts
+        run_agser_eval("no-such-model", "no-such-file.jsonl", frac=1.5)
+
+    assert main(["facts-world", "--world", "books", "--out", str(tmp_path / "w"), "--known", "3",
+                 "--unknown", "2"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["world"] == "books" and summary["sft_rows"] == 3 and summary["eval_rows"] == 5
+    rows = [json.loads(line) for line in (tmp_path / "w" / "eval.jsonl").read_text().splitlines()]
+    assert [r["known"] for r in rows] == [True] * 3 + [False] * 2
