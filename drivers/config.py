@@ -171,11 +171,13 @@ class JudgeConfig(_Section):
                                  "part) in the reward of general prompts (task.general_path); 0: monitor only.")
 
 
-class PipelineConfig(_Section):
-    """`r1ray pipeline`: the R1 stages (drivers/pipeline.py), run in this order."""
+STAGE_ORDER = ("zero", "cold_start", "reasoning_rl", "rejection_sampling", "all_scenario_rl", "distill")
 
-    stages: list[Literal["zero", "cold_start", "reasoning_rl", "rejection_sampling", "all_scenario_rl",
-                         "distill"]] = Field(
+
+class PipelineConfig(_Section):
+    """`r1ray pipeline`: the R1 stages (drivers/pipeline.py), run in STAGE_ORDER."""
+
+    stages: list[Literal[STAGE_ORDER]] = Field(
         default_factory=lambda: ["zero", "cold_start", "reasoning_rl", "rejection_sampling", "distill"])
     zero_steps: int = Field(10, ge=1, description="GRPO steps of R1-Zero (from the base model).")
     cold_start_steps: int = Field(200, ge=1, description="SFT steps on cold-start demonstrations.")
@@ -199,9 +201,9 @@ class PipelineConfig(_Section):
 
     @model_validator(mode="after")
     def _ordered(self) -> "PipelineConfig":
-        order = ["zero", "cold_start", "reasoning_rl", "rejection_sampling", "all_scenario_rl", "distill"]
-        if self.stages != sorted(self.stages, key=order.index) or len(set(self.stages)) != len(self.stages):
-            raise ValueError(f"pipeline.stages must be distinct and in the order {order}, got {self.stages}")
+        if self.stages != sorted(self.stages, key=STAGE_ORDER.index) or len(set(self.stages)) != len(self.stages):
+            raise ValueError(f"pipeline.stages must be distinct and in the order {list(STAGE_ORDER)}, "
+                             f"got {self.stages}")
         return self
 
 
