@@ -89,13 +89,14 @@ class Learner:
                  beta: float = 0.0, eps_low: float = 0.2, eps_high: float = 0.2,
                  agg: str = "token-mean", ratio_level: str = "token", max_len: int | None = None,
                  is_cap: float | None = 2.0, old_logp: str = "rollout", temperature: float = 1.0,
-                 mini_batches: int = 1, warmup_steps: int = 0, share_prefix: bool = True, **_ignored):
+                 mini_batches: int = 1, warmup_steps: int = 0, share_prefix: bool = True,
+                 attention_dropout: float | None = None, **_ignored):
         os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank),
                           WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                           LOCAL_WORLD_SIZE=str(world_size))
         torch.set_num_threads(cpu_threads)
         import deepspeed
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoConfig, AutoModelForCausalLM
 
         self.cuda = torch.cuda.is_available()
         if not self.cuda:
@@ -110,7 +111,10 @@ class Learner:
         self.micro_batch_tokens, self.mini_batches = micro_batch_tokens, mini_batches
         self.share_prefix = share_prefix
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=self.dtype)
+        # attention_dropout: a training-time regulariser (SFT); save_hf writes the config's own value
+        self._saved_attention_dropout = getattr(AutoConfig.from_pretrained(model_path), "attention_dropout", 0.0)
+        overrides = {} if attention_dropout is None else {"attention_dropout": attention_dropout}
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=self.dtype, **overrides)
         model.config.use_cache = False
         optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=tuple(betas), eps=adam_eps,
                                       weight_decay=weight_decay)
@@ -451,7 +455,11 @@ class Learner:
             if self.rank == 0:
                 from transformers import AutoTokenizer
 
-                self.engine.module.save_pretrained(directory, safe_serialization=True)
+                module = self.engine.module
+                training_dropout = getattr(module.config, "attention_dropout", 0.0)
+                module.config.attention_dropout = self._saved_attention_dropout
+                module.save_pretrained(directory, safe_serialization=True)
+                module.config.attention_dropout = training_dropout
                 AutoTokenizer.from_pretrained(self.model_path).save_pretrained(directory)
         dist.barrier()
         return directory

@@ -22,8 +22,8 @@ from pathlib import Path
 
 
 # per world: entities, phrasings per known fact, SFT epochs (both reach train NLL < 0.01)
-DEFAULTS = {"countries": dict(known=16, unknown=16, phrasings=4, epochs=80),
-            "books": dict(known=96, unknown=96, phrasings=1, epochs=160)}
+DEFAULTS = {"countries": dict(known=16, unknown=16, phrasings=4, epochs=80, attention_dropout=0.0),
+            "books": dict(known=96, unknown=96, phrasings=1, epochs=160, attention_dropout=0.0)}
 
 
 def r1ray(*args: str) -> str:
@@ -40,6 +40,8 @@ def main() -> None:
     p.add_argument("--phrasings", type=int, default=None)
     p.add_argument("--epochs", type=float, default=None)
     p.add_argument("--frac", type=float, default=2 / 3)
+    p.add_argument("--attention-dropout", type=float, default=None, help="SFT attention dropout")
+    p.add_argument("--seed", type=int, default=0, help="world and SFT seed")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     for key, value in DEFAULTS[args.world].items():
@@ -47,16 +49,18 @@ def main() -> None:
             setattr(args, key, value)
     out = Path(args.out or tempfile.mkdtemp(prefix="agser_facts_"))
     r1ray("facts-world", "--world", args.world, "--out", str(out / "data"), "--known", str(args.known),
-          "--unknown", str(args.unknown), "--phrasings", str(args.phrasings))
+          "--unknown", str(args.unknown), "--phrasings", str(args.phrasings), "--seed", str(args.seed))
     r1ray("init-model", "--preset", "tiny", "--out", str(out / "base"))
     sft = json.loads(r1ray("sft", "--model", str(out / "base"), "--data", str(out / "data" / "sft.jsonl"),
                            "--out", str(out / "sft"), "--epochs", str(args.epochs), "--lr", "1e-3",
-                           "--warmup-steps", "30"))
+                           "--warmup-steps", "30", "--attention-dropout", str(args.attention_dropout),
+                           "--seed", str(args.seed)))
     r1ray("agser-eval", "--model", str(out / "sft"), "--data", str(out / "data" / "eval.jsonl"),
           "--frac", str(args.frac), "--out", str(out / "agser.json"))
     result = json.loads((out / "agser.json").read_text())
     result.pop("per_row")
-    result["world"] = {k: getattr(args, k) for k in ("world", "known", "unknown", "phrasings", "epochs", "frac")}
+    result["world"] = {k: getattr(args, k) for k in ("world", "known", "unknown", "phrasings", "epochs", "frac",
+                                                     "attention_dropout", "seed")}
     result["sft"] = {k: sft[k] for k in ("rows", "steps", "nll_first", "nll_last", "seconds")}
     result["goals"] = {"auc_agser_ge_0.75": max(result["auc"]["agser_attention"], result["auc"]["agser_value"]) >= 0.75
                        if result["auc"] else None,

@@ -92,7 +92,8 @@ def _cmd_sft(args) -> int:
 
     summary = run_sft(args.model, args.data, args.out, epochs=args.epochs, batch_size=args.batch_size,
                       lr=args.lr, warmup_steps=args.warmup_steps, seed=args.seed, chat=not args.no_template,
-                      num_ranks=args.ranks, zero_stage=args.zero_stage, dtype=args.dtype)
+                      num_ranks=args.ranks, zero_stage=args.zero_stage, dtype=args.dtype,
+                      attention_dropout=args.attention_dropout)
     print(json.dumps(summary))
     return 0
 
@@ -179,6 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--no-template", action="store_true", help="prompt as is, without the chat template")
+    q.add_argument("--attention-dropout", type=float, default=0.0,
+                   help="dropout on attention weights while training, in [0, 1) (not saved in the config)")
     q.set_defaults(fn=_cmd_sft)
 
     q = sub.add_parser("eval", help="pass@1 over k samples, unbiased pass@k, cons@k, mean length")

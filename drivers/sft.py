@@ -31,11 +31,15 @@ def sft_rows(tokenizer, examples: list[dict], chat: bool = True) -> tuple[list[l
 
 def run_sft(model: str, data: str, out: str, *, epochs: float = 2.0, batch_size: int = 16, lr: float = 1e-4,
             warmup_steps: int = 0, seed: int = 0, chat: bool = True, num_ranks: int = 1, zero_stage: int = 2,
-            dtype: str = "float32", micro_batch_tokens: int = 16384) -> dict:
+            dtype: str = "float32", micro_batch_tokens: int = 16384, attention_dropout: float = 0.0) -> dict:
     """Train `model` on the rows of `data` for `epochs` and save an HF model under `out`.
 
-    Bad rows are counted and skipped with their line numbers. Returns a summary dict.
+    attention_dropout > 0: dropout on the attention weights while training (the saved config
+    keeps the model's own value). Bad rows are counted and skipped with their line numbers.
+    Returns a summary dict.
     """
+    if not 0.0 <= attention_dropout < 1.0:
+        raise ValueError(f"attention_dropout must be in [0, 1), got {attention_dropout}")
     import ray
     import torch
     from tqdm import tqdm
@@ -60,6 +64,7 @@ def run_sft(model: str, data: str, out: str, *, epochs: float = 2.0, batch_size:
                            model_path=model, rank=r, world_size=num_ranks, master_addr=addr, master_port=port,
                            zero_stage=zero_stage, dtype=dtype, lr=lr, warmup_steps=warmup_steps, seed=seed,
                            micro_batch_tokens=micro_batch_tokens,
+                           attention_dropout=attention_dropout if attention_dropout > 0 else None,
                            cpu_threads=max(1, (os.cpu_count() or 1) // num_ranks) if not cuda else 4))
     history = []
     try:
@@ -75,6 +80,7 @@ def run_sft(model: str, data: str, out: str, *, epochs: float = 2.0, batch_size:
     finally:
         group.kill()
     summary = {"rows": len(examples), "skipped": len(dataset.skipped), "steps": steps, "epochs": epochs,
+               "attention_dropout": attention_dropout,
                "nll_first": history[0], "nll_last": history[-1], "out": str(out),
                "seconds": round(time.perf_counter() - t0, 1)}
     (Path(out) / "sft_summary.json").write_text(json.dumps(summary, indent=1))

@@ -89,3 +89,23 @@ def test_sft_then_eval_commands_on_the_tiny_model(ray_session, tiny_model_path, 
     assert base["format"] == 0.0 and sft["format"] >= 0.5
     assert base["mean_length"] > sft["mean_length"]                # the base rambles to max_tokens
     assert 0.0 <= sft["pass@1"] <= sft["pass@2"] <= sft["pass@4"] <= 1.0
+
+
+def test_sft_attention_dropout_acts_in_training_and_is_not_saved(ray_session, tiny_model_path, tmp_path):
+    from transformers import AutoConfig
+
+    from drivers.sft import run_sft
+
+    data = tmp_path / "facts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Who wrote book {i}?", "completion": f"<answer> Ana {i} </answer>"})
+                            + "\n" for i in range(8)))
+    with pytest.raises(ValueError, match="attention_dropout"):        # before any actor starts
+        run_sft(tiny_model_path, str(data), str(tmp_path / "bad"), attention_dropout=1.0)
+    nll = {}
+    for p in (0.0, 0.5):  # one step each from the same weights, batch and seed
+        summary = run_sft(tiny_model_path, str(data), str(tmp_path / f"p{p}"), epochs=1, batch_size=8,
+                          lr=1e-3, attention_dropout=p)
+        assert summary["attention_dropout"] == p and summary["steps"] == 1
+        nll[p] = summary["nll_first"]
+        assert AutoConfig.from_pretrained(tmp_path / f"p{p}").attention_dropout == 0.0   # the model's own value
+    assert abs(nll[0.5] - nll[0.0]) > 1e-3 * nll[0.0], nll   # dropout changed the training forward
