@@ -1,7 +1,8 @@
 """An AGSER facts world end to end: build, teach the tiny model the known facts, evaluate.
 
     .venv/bin/python benchmarks/agser_facts.py [--world books|countries] [--known N] [--unknown N]
-                                               [--phrasings P] [--epochs E] [--frac F] [--out DIR]
+                                               [--phrasings P] [--epochs E] [--frac F] [--seed S]
+                                               [--attention-dropout P] [--out DIR]
 
 1. `r1ray facts-world`: "countries" (invented countries' capital, language and currency; 16 known
    + 16 unknown, each known fact in 4 phrasings) or "books" (invented titles' two-word authors,

@@ -1,4 +1,4 @@
-"""`r1ray agser-eval` and the facts world that tests it on the embedded default.
+"""`r1ray agser-eval` and the facts worlds (countries, books) that test it on the embedded default.
 
 agser-eval: rows {"question", "answers": [accepted strings]}; the label of a row is whether the
 model's greedy answer matches one of them (1 = correct, 0 = hallucinated). AGSER (both score

@@ -163,7 +163,9 @@ def wait_for_placement(pg, what: str, timeout_s: float) -> None:
 
     t0 = time.perf_counter()
     while True:
-        ready, _ = ray.wait([pg.ready()], timeout=2.0 if time.perf_counter() - t0 < 1 else 10.0)
+        elapsed = time.perf_counter() - t0
+        step = 2.0 if elapsed < 1 else 10.0   # the first progress line soon, then every 10 s
+        ready, _ = ray.wait([pg.ready()], timeout=max(0.0, min(step, timeout_s - elapsed)))
         if ready:
             return
         waited = time.perf_counter() - t0

@@ -60,7 +60,7 @@ FAKE_CLUSTER = {
 # The job places a 2-rank group with one GPU per bundle through the driver's ActorGroup (the same
 # placement-group path the learner and rollout groups use); the head has no GPU.
 GPU_JOB = """
-import json, ray
+import json, time, ray
 from drivers.ray_utils import ActorGroup, init_ray
 class Probe:
     def __init__(self, rank):
@@ -69,8 +69,10 @@ class Probe:
         return {"rank": self.rank, "node": ray.get_runtime_context().get_node_id(), "gpus": ray.get_gpu_ids()}
 init_ray()
 head = ray.get_runtime_context().get_node_id()
+t0 = time.perf_counter()
 group = ActorGroup(Probe, 2, num_gpus=1, kwargs_fn=lambda r, a, p: {"rank": r}, name="gpu-probe")
-print("PLACED " + json.dumps({"head": head, "where": group.get(group.call("where"))}), flush=True)
+seconds = time.perf_counter() - t0
+print("PLACED " + json.dumps({"head": head, "seconds": seconds, "where": group.get(group.call("where"))}), flush=True)
 group.kill()
 """
 
@@ -87,7 +89,8 @@ def test_autoscaler_adds_a_gpu_node_for_a_job_and_removes_it_when_idle():
         nodes = {w["node"] for w in placed["where"]}
         assert len(nodes) == 1 and placed["head"] not in nodes  # both ranks on the added GPU node
         assert sorted(g for w in placed["where"] for g in w["gpus"]) == [0, 1]
-        assert "waiting for 2 x {'CPU': 1, 'GPU': 1} for gpu-probe" in logs
+        if placed["seconds"] > 3.0:  # the first progress line comes after 2 s (a fast node may beat it)
+            assert "waiting for 2 x {'CPU': 1, 'GPU': 1} for gpu-probe" in logs, placed
         # idle_timeout_minutes=0.1: the GPU node goes away again
         deadline = time.time() + 120
         while len(head.nodes()) > 1 and time.time() < deadline:
@@ -105,3 +108,20 @@ def _alive(pid: int) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+def test_placement_wait_prints_progress_and_times_out_with_the_cluster_state(ray_session, capsys):
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    from drivers.ray_utils import wait_for_placement
+
+    ray = ray_session
+    pg = placement_group([{"CPU": 1, "GPU": 1}])   # no GPU on this machine: never placed
+    try:
+        with pytest.raises(TimeoutError, match=r"resources for probe not available after 3 s; cluster has"):
+            wait_for_placement(pg, "probe", timeout_s=3.0)
+    finally:
+        remove_placement_group(pg)
+    assert "waiting for probe (2 s; cluster has" in capsys.readouterr().out
+    assert ray.is_initialized()
+
