@@ -231,6 +231,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"r1ray: {err}", file=sys.stderr)
         return 2
+    except ConnectionError as err:  # RAY_ADDRESS names a cluster that is not there
+        print(f"r1ray: {err}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

@@ -12,6 +12,11 @@ WORKER_ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "VLLM_LO
 def init_ray(num_cpus: int | None = None) -> None:
     """Join the cluster named by RAY_ADDRESS (as under `ray job submit`), else start a local Ray.
 
+    Without RAY_ADDRESS the run always starts its own local Ray (`address="local"`): a cluster
+    file left by a stopped `ray start` head (/tmp/ray/ray_current_cluster) or another head on the
+    machine is never joined by accident. With RAY_ADDRESS the address is checked first, so a
+    cluster that is not there fails in seconds with its address in the message.
+
     Locally, logical CPUs default to max(8, cores) so the whole actor set of a run (rollout worker,
     reward worker, learner ranks, judge, asynchronous evaluator) can be placed on a 2-core machine
     (they time-share the cores).
@@ -22,12 +27,49 @@ def init_ray(num_cpus: int | None = None) -> None:
         return
     for k, v in WORKER_ENV.items():
         os.environ.setdefault(k, v)
-    if os.environ.get("RAY_ADDRESS"):
+    address = os.environ.get("RAY_ADDRESS", "")
+    if address and address != "local":
+        check_ray_address(address)
         ray.init(runtime_env={"env_vars": WORKER_ENV}, log_to_driver=True)
     else:
-        ray.init(num_cpus=num_cpus or max(8, os.cpu_count() or 1), include_dashboard=False,
+        ray.init(address="local", num_cpus=num_cpus or max(8, os.cpu_count() or 1), include_dashboard=False,
                  object_store_memory=512 * 1024**2, runtime_env={"env_vars": WORKER_ENV},
                  log_to_driver=True)
+
+
+def check_ray_address(address: str, timeout_s: float = 5.0) -> None:
+    """Raise ConnectionError naming `address` unless something listens there (TCP, `timeout_s`).
+
+    Takes what RAY_ADDRESS may hold: `host:port` (a GCS, as under `ray job submit`),
+    `ray://host:port` (Ray client) or `auto` (the running cluster Ray finds on this machine).
+    """
+    import socket
+    from urllib.parse import urlsplit
+
+    if address == "auto":
+        from ray._private.services import get_ray_address_from_environment
+
+        try:
+            found = get_ray_address_from_environment("auto", None)
+        except ConnectionError as e:
+            raise ConnectionError(f"RAY_ADDRESS=auto: no running Ray cluster found on this machine ({e})") from e
+        return check_ray_address(found, timeout_s) if found and found != "auto" else None
+    parts = urlsplit(address if "://" in address else f"tcp://{address}")
+    if parts.scheme in ("http", "https"):
+        raise ConnectionError(f"RAY_ADDRESS={address!r} is a dashboard (job API) URL; a driver joins the "
+                              "cluster's GCS (host:6379) or a Ray client (ray://host:10001)")
+    try:
+        host, port = parts.hostname, parts.port
+    except ValueError as e:
+        raise ConnectionError(f"RAY_ADDRESS={address!r} is not host:port ({e})") from e
+    if not host or not port:
+        raise ConnectionError(f"RAY_ADDRESS={address!r} is not host:port, ray://host:port or auto")
+    try:
+        socket.create_connection((host, port), timeout=timeout_s).close()
+    except OSError as e:
+        raise ConnectionError(
+            f"RAY_ADDRESS={address!r}: no Ray cluster answers at {host}:{port} ({e}). Start the head "
+            "(or fix the address) to join a cluster; unset RAY_ADDRESS to run on a local Ray.") from e
 
 
 def rollout_worker_actor(model_path: str, cfg):
