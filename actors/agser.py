@@ -173,8 +173,9 @@ class JudgeWorker:
             raise ValueError(f"unit must be 'word' or 'token', got {unit!r}")
         self.frac, self.lam, self.layers, self.max_tokens, self.unit = frac, lam, layers, max_tokens, unit
         self.calls = {"generate": 0, "forward": 0}
-        rendered = self.tokenizer.apply_chat_template([{"role": "user", "content": "\x00Q\x00"}],
-                                                      add_generation_prompt=True, tokenize=False)
+        from actors.prompts import prompt_text
+
+        rendered = prompt_text(self.tokenizer, "\x00Q\x00")
         prefix, suffix = rendered.split("\x00Q\x00")
         # byte-level BPE attaches a space to the word after it: the query takes the template's
         # trailing space, so prefix + query + suffix are the ids the chat template itself gives

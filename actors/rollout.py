@@ -200,10 +200,10 @@ class RolloutWorker:
 
     # ------------------------------------------------------------------ public API
     def render_prompts(self, prompts: list[str]) -> list[list[int]]:
-        """Token ids of each prompt rendered with the model's chat template (the R1 template)."""
-        return [self.tokenizer.apply_chat_template(
-            [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True,
-            return_dict=False) for p in prompts]
+        """Token ids of each prompt rendered with the model's chat template and the R1 instruction."""
+        from actors.prompts import prompt_ids
+
+        return [prompt_ids(self.tokenizer, p) for p in prompts]
 
     def generate(self, prompts: list[str], n: int = 1, *, chat: bool = True,
                  seed: int | None = None, prompt_ids: list[list[int]] | None = None,

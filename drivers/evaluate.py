@@ -62,9 +62,10 @@ def summarize_eval(per_prompt: list[list[dict]], ks: list[int]) -> dict:
 def run_eval(model: str, data: str, *, k: int = 8, temperature: float = 0.6, top_p: float = 0.95,
              max_tokens: int = 256, limit: int | None = None, seed: int = 0, dtype: str = "float32",
              max_model_len: int = 2048, verifier_timeout_s: float = 5.0, layout: str = "r1",
-             target_language: str = "en") -> dict:
+             target_language: str = "en", cpu_threads: int = 0) -> dict:
     """Sample k answers per prompt of `data` ({"prompt", "answer"} jsonl) and compute the metrics.
 
+    cpu_threads: CPU only, the engine's OpenMP threads (0: all cores).
     layout: the format the format rate checks ("r1" or "cold_start").
     """
     import ray
@@ -83,7 +84,8 @@ def run_eval(model: str, data: str, *, k: int = 8, temperature: float = 0.6, top
     t0 = time.perf_counter()
     init_ray()
     cfg = build_config({"model": {"dtype": dtype}, "rollout": {
-        "temperature": temperature, "top_p": top_p, "max_tokens": max_tokens, "max_model_len": max_model_len}})
+        "temperature": temperature, "top_p": top_p, "max_tokens": max_tokens, "max_model_len": max_model_len,
+        "cpu_threads": cpu_threads}})
     worker = rollout_worker_actor(model, cfg)
     scorer = ray.remote(num_cpus=1)(RewardWorker).remote(timeout_s=verifier_timeout_s, layout=layout,
                                                           target_language=target_language,

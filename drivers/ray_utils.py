@@ -17,9 +17,10 @@ def init_ray(num_cpus: int | None = None) -> None:
     machine is never joined by accident. With RAY_ADDRESS the address is checked first, so a
     cluster that is not there fails in seconds with its address in the message.
 
-    Locally, logical CPUs default to max(8, cores) so the whole actor set of a run (rollout worker,
-    reward worker, learner ranks, judge, asynchronous evaluator) can be placed on a 2-core machine
-    (they time-share the cores).
+    Locally, the object store holds 2 GiB (/dev/shm, touched only when used): a 135M-parameter
+    model's fp32 weight sync (538 MB) fits without spilling. Logical CPUs default to
+    max(8, cores) so the whole actor set of a run (rollout worker, reward worker, learner ranks,
+    judge, asynchronous evaluator) can be placed on a 2-core machine (they time-share the cores).
     """
     import ray
 
@@ -33,7 +34,7 @@ def init_ray(num_cpus: int | None = None) -> None:
         ray.init(runtime_env={"env_vars": WORKER_ENV}, log_to_driver=True)
     else:
         ray.init(address="local", num_cpus=num_cpus or max(8, os.cpu_count() or 1), include_dashboard=False,
-                 object_store_memory=512 * 1024**2, runtime_env={"env_vars": WORKER_ENV},
+                 object_store_memory=2 * 1024**3, runtime_env={"env_vars": WORKER_ENV},
                  log_to_driver=True)
 
 

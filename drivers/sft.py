@@ -10,6 +10,7 @@ import os
 import time
 from pathlib import Path
 
+from actors.prompts import completion_ids, prompt_ids, prompt_text
 from drivers.tasks import load_jsonl, step_prompts
 
 
@@ -18,22 +19,21 @@ def sft_rows(tokenizer, examples: list[dict], chat: bool = True) -> tuple[list[l
     rows, plens = [], []
     for ex in examples:
         if chat:
-            prompt = list(tokenizer.apply_chat_template([{"role": "user", "content": ex["prompt"]}],
-                                                        add_generation_prompt=True, tokenize=True,
-                                                        return_dict=False))
+            prompt, rendered = prompt_ids(tokenizer, ex["prompt"]), prompt_text(tokenizer, ex["prompt"])
         else:
-            prompt = tokenizer.encode(ex["prompt"], add_special_tokens=False)
-        completion = tokenizer.encode(" " + ex["completion"].strip(), add_special_tokens=False)
-        rows.append(prompt + completion + [tokenizer.eos_token_id])
+            prompt, rendered = tokenizer.encode(ex["prompt"], add_special_tokens=False), ex["prompt"]
+        rows.append(prompt + completion_ids(tokenizer, rendered, ex["completion"]))
         plens.append(len(prompt))
     return rows, plens
 
 
 def run_sft(model: str, data: str, out: str, *, epochs: float = 2.0, batch_size: int = 16, lr: float = 1e-4,
             warmup_steps: int = 0, seed: int = 0, chat: bool = True, num_ranks: int = 1, zero_stage: int = 2,
-            dtype: str = "float32", micro_batch_tokens: int = 16384, attention_dropout: float = 0.0) -> dict:
+            dtype: str = "float32", micro_batch_tokens: int = 16384, attention_dropout: float = 0.0,
+            cpu_threads: int = 0) -> dict:
     """Train `model` on the rows of `data` for `epochs` and save an HF model under `out`.
 
+    cpu_threads: CPU only, torch threads per rank (0: cores / ranks).
     attention_dropout > 0: dropout on the attention weights while training (the saved config
     keeps the model's own value). Bad rows are counted and skipped with their line numbers.
     Returns a summary dict.
@@ -65,7 +65,7 @@ def run_sft(model: str, data: str, out: str, *, epochs: float = 2.0, batch_size:
                            zero_stage=zero_stage, dtype=dtype, lr=lr, warmup_steps=warmup_steps, seed=seed,
                            micro_batch_tokens=micro_batch_tokens,
                            attention_dropout=attention_dropout if attention_dropout > 0 else None,
-                           cpu_threads=max(1, (os.cpu_count() or 1) // num_ranks) if not cuda else 4))
+                           cpu_threads=cpu_threads or max(1, (os.cpu_count() or 1) // num_ranks) if not cuda else 4))
     history = []
     try:
         bar = tqdm(range(steps), desc="sft", unit="step")

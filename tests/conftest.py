@@ -22,6 +22,22 @@ def tiny_model_path(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def outcome_seed() -> int:
+    """Seed of the tests that assert on a training outcome (R1RAY_TEST_SEED, default 0).
+
+    benchmarks/outcome_margins.py runs those tests over several seeds and thread counts and
+    reports each outcome against its threshold.
+    """
+    return int(os.environ.get("R1RAY_TEST_SEED", "0"))
+
+
+@pytest.fixture(scope="session")
+def outcome_threads() -> int:
+    """CPU threads of their learner ranks and vLLM engines (R1RAY_TEST_THREADS, default 0: the machine's)."""
+    return int(os.environ.get("R1RAY_TEST_THREADS", "0"))
+
+
+@pytest.fixture(scope="session")
 def ray_session():
     """One local Ray for the whole test session; shut down (only ours) at the end."""
     import ray

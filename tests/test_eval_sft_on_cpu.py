@@ -52,8 +52,17 @@ def test_summarize_eval_by_hand():
     assert m["mean_length"] == pytest.approx((100 + 16) / 8)
 
 
-def test_sft_then_eval_commands_on_the_tiny_model(ray_session, tiny_model_path, tmp_path, capsys):
+def test_sft_then_eval_commands_on_the_tiny_model(ray_session, tiny_model_path, tmp_path, capsys, outcome_seed,
+                                                   outcome_threads):
+    """`r1ray sft` teaches the random tiny model the R1 layout; `r1ray eval` measures it.
+
+    Margin (benchmarks/outcome_margins.py, seeds 0-2 x 1 and 2 threads, 2-core AMD EPYC): SFT format
+    0.95-1.0 against the 0.5 asserted; nll_last / nll_first 0.06-0.07 against 0.5. Without the
+    10 warm-up steps lr 2e-3 stalled the layout on one machine (format 0.0 after 100 steps, 0.27
+    after 200); with lr 0 the format stays at the base model's 0.0.
+    """
     from drivers.cli import main
+    from outcomes import report_outcome
     from drivers.tasks import arithmetic_examples, worked_example
 
     import random
@@ -70,8 +79,10 @@ def test_sft_then_eval_commands_on_the_tiny_model(ray_session, tiny_model_path, 
     test.write_text("".join(json.dumps({"prompt": e["prompt"], "answer": e["answer"]}) + "\n" for e in held))
 
     out = tmp_path / "sft-model"
-    assert main(["sft", "--model", tiny_model_path, "--data", str(data), "--out", str(out),
-                 "--epochs", "10", "--batch-size", "16", "--lr", "2e-3"]) == 0
+    threads = ["--threads", str(outcome_threads)]
+    assert main(["sft", "--model", tiny_model_path, "--data", str(data), "--out", str(out), "--epochs", "10",
+                 "--batch-size", "16", "--lr", "1e-3", "--warmup-steps", "20", "--seed", str(outcome_seed)]
+                + threads) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["rows"] == 160 and summary["skipped"] == 1 and summary["steps"] == 100
     assert summary["nll_last"] < 0.5 * summary["nll_first"], summary
@@ -80,10 +91,13 @@ def test_sft_then_eval_commands_on_the_tiny_model(ray_session, tiny_model_path, 
     metrics = {}
     for name, model in (("base", tiny_model_path), ("sft", str(out))):
         assert main(["eval", "--model", model, "--data", str(test), "--k", "4", "--max-tokens", "48",
-                     "--out", str(tmp_path / f"{name}.json")]) == 0
+                     "--seed", str(outcome_seed), "--out", str(tmp_path / f"{name}.json")] + threads) == 0
         metrics[name] = json.loads((tmp_path / f"{name}.json").read_text())
     print(json.dumps(metrics))
     base, sft = metrics["base"], metrics["sft"]
+    report_outcome("sft_then_eval", "sft format >= 0.5 (base 0.0); nll_last < 0.5 nll_first",
+                   sft_format=sft["format"], base_format=base["format"],
+                   nll_ratio=summary["nll_last"] / summary["nll_first"], sft_pass1=sft["pass@1"])
     assert sft["prompts"] == 16 and sft["samples_per_prompt"] == 4 and sft["verifier_failures"] == 0
     # 100 steps teach the R1 layout (the sums take the tiny recipe's 220 x 32 and RL)
     assert base["format"] == 0.0 and sft["format"] >= 0.5

