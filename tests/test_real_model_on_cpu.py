@@ -100,11 +100,13 @@ def test_vllm_serves_smollm2_with_transformers_logprobs(ray_session, smollm2_pat
 
 
 def test_two_grpo_steps_on_smollm2_move_the_weights_and_vllm_serves_them(ray_session, smollm2_path, tmp_path):
-    """The R1-Zero loop on the real model, shortened: 2 GRPO steps (2 prompts x G 4, 24 tokens).
+    """The R1 loop on the real model, shortened: a 6-step cold start (SmolLM2 never writes the
+    R1 tags unprompted, so every reward would be 0 and every group flat), then 2 GRPO steps
+    (2 prompts x G 8, at most 40 tokens).
 
-    After them the learner's weights differ from the checkpoint's, and the rollout engine serves
-    the learner's weights: its logprobs of a fixed answer moved from the base model's as the
-    learner's did (each within 1e-3 of transformers run on the learner's weights).
+    The GRPO steps had groups with reward variance and a non-zero gradient; the learner's
+    weights moved from the base model's; the rollout engine serves the learner's weights (its
+    logprobs of a fixed answer within 1e-3 of transformers run on them).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -114,24 +116,27 @@ def test_two_grpo_steps_on_smollm2_move_the_weights_and_vllm_serves_them(ray_ses
     cfg = build_config({
         "run": {"name": "smol2", "output_dir": str(tmp_path / "run"), "wandb_mode": "disabled"},
         "model": {"path": smollm2_path},
-        "task": {"a_max": 99, "b_max": 99, "heldout": 2},
-        "rollout": {"group_size": 4, "max_tokens": 24, "max_model_len": 512, "temperature": 1.0},
-        "learner": {"lr": 1e-4, "warmup_steps": 0},
-        "train": {"steps": 2, "prompts_per_step": 2, "sft_steps": 0, "eval_every": 0, "checkpoint_every": 1000}})
+        "task": {"a_max": 9, "b_max": 9, "heldout": 2},
+        "rollout": {"group_size": 8, "max_tokens": 40, "max_model_len": 512, "temperature": 1.0},
+        "learner": {"lr": 1e-5, "sft_lr": 3e-4, "warmup_steps": 0},
+        "train": {"steps": 2, "prompts_per_step": 2, "sft_steps": 6, "sft_batch_size": 8, "eval_every": 0,
+                  "checkpoint_every": 1000}})
     run = Run(cfg)
     try:
         summary = run.train()
         state = run.learner.get(run.learner.call("get_state_dict"))[0]
-        prompt = "What is 23 + 48?"
         tok = AutoTokenizer.from_pretrained(smollm2_path)
-        answer = tok.encode("<think> 23 + 48 = 71 </think> <answer> 71 </answer>", add_special_tokens=False)
-        ids = prompt_ids(tok, prompt)
-        vllm_lp = run.ray.get(run.rollouts[0].sequence_logprobs.remote([ids + answer]))[0][len(ids) - 1:]
+        ids = prompt_ids(tok, "What is 3 + 4?")
+        answer = tok.encode("<think> 3 + 4 = 7 </think> <answer> 7 </answer>", add_special_tokens=False)
+        vllm_lp = torch.tensor(run.ray.get(run.rollouts[0].sequence_logprobs.remote([ids + answer]))[0][len(ids) - 1:])
         history = run.logger.history()
     finally:
         run.close()
     steps = [r for r in history if "reward/mean" in r]
+    print("SmolLM2 GRPO steps:", json.dumps([{k: r[k] for k in ("reward/mean", "reward/format", "train/grad_norm",
+                                                                  "train/zero_variance_groups")} for r in steps]))
     assert len(steps) == 2 and summary["end"]["eval/n"] == 2
+    assert any(r["train/zero_variance_groups"] < 2 and r["train/grad_norm"] > 0 for r in steps)
 
     def hf_logprobs(weights=None):
         model = AutoModelForCausalLM.from_pretrained(smollm2_path, dtype=torch.float32).eval()
@@ -143,6 +148,6 @@ def test_two_grpo_steps_on_smollm2_move_the_weights_and_vllm_serves_them(ray_ses
 
     base, trained = hf_logprobs(), hf_logprobs(state)
     moved = (trained - base).abs().max().item()
-    gap = (trained - torch.tensor(vllm_lp)).abs().max().item()
-    print(f"SmolLM2 after 2 GRPO steps: learner moved logprobs by up to {moved:.3e}; vLLM vs learner {gap:.2e}")
+    gap = (trained - vllm_lp).abs().max().item()
+    print(f"SmolLM2 after cold start + 2 GRPO steps: logprobs moved by up to {moved:.3e}; vLLM vs learner {gap:.2e}")
     assert moved > 1e-2 and gap <= 1e-3
