@@ -55,6 +55,7 @@ def run_sft(model: str, data: str, out: str, *, epochs: float = 2.0, batch_size:
         raise ValueError(f"{data}: no usable {{'prompt', 'completion'}} rows ({len(dataset.skipped)} skipped)")
     examples = [{"prompt": e["prompt"], "completion": e["answer"]} for e in dataset.examples]
     tokenizer = AutoTokenizer.from_pretrained(model)
+    sft_rows(tokenizer, examples[:1], chat)   # a chat template that cannot render fails before any actor starts
     steps = max(1, math.ceil(epochs * len(examples) / batch_size))
     t0 = time.perf_counter()
     init_ray()

@@ -57,6 +57,7 @@ class Run:
         from transformers import AutoTokenizer
 
         from actors.learner import Learner
+        from actors.prompts import prompt_ids
         from actors.rewards import RewardWorker
         from drivers.models import ensure_model
         from drivers.placement import plan_placement
@@ -80,6 +81,7 @@ class Run:
             print(f"skipped {len(skipped)} bad data rows in all")
         self.model_path = str(ensure_model(cfg.model, self.run_dir))
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        prompt_ids(self.tokenizer, self.train_set[0]["prompt"])  # a template that cannot render fails here
 
         init_ray()
         cuda = torch.cuda.is_available()

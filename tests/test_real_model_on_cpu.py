@@ -151,3 +151,24 @@ def test_two_grpo_steps_on_smollm2_move_the_weights_and_vllm_serves_them(ray_ses
     gap = (trained - vllm_lp).abs().max().item()
     print(f"SmolLM2 after cold start + 2 GRPO steps: logprobs moved by up to {moved:.3e}; vLLM vs learner {gap:.2e}")
     assert moved > 1e-2 and gap <= 1e-3
+
+
+def test_a_model_without_a_chat_template_fails_before_any_actor_starts(tiny_model_path, tmp_path):
+    import shutil
+
+    from drivers.config import build_config
+    from drivers.sft import run_sft
+    from drivers.train import Run
+
+    plain = tmp_path / "no-template"
+    shutil.copytree(tiny_model_path, plain)
+    (plain / "chat_template.jinja").unlink(missing_ok=True)
+    tok_cfg = json.loads((plain / "tokenizer_config.json").read_text())
+    tok_cfg.pop("chat_template", None)
+    (plain / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
+    data = tmp_path / "rows.jsonl"
+    data.write_text(json.dumps({"prompt": "What is 2 + 3?", "completion": "<answer> 5 </answer>"}) + "\n")
+    with pytest.raises(ValueError, match="has no chat template"):
+        run_sft(str(plain), str(data), str(tmp_path / "out"))
+    with pytest.raises(ValueError, match="has no chat template"):
+        Run(build_config({"model": {"path": str(plain)}, "run": {"output_dir": str(tmp_path / "run")}}))
