@@ -7,6 +7,11 @@ Qwen2.5-Instruct, ...) gets it as the system turn, the task prompt as the user t
 """
 from __future__ import annotations
 
+
+class ModelInputError(ValueError):
+    """A model, tokenizer or model file that r1ray cannot use; raised before any actor starts."""
+
+
 R1_SYSTEM = (
     "A conversation between User and Assistant. The user asks a question, and the Assistant "
     "solves it. The assistant first thinks about the reasoning process in the mind and then "
@@ -20,8 +25,9 @@ def chat_messages(tokenizer, prompt: str) -> list[dict]:
     """The chat turns of one task prompt for this tokenizer's chat template."""
     template = tokenizer.chat_template
     if not template:
-        raise ValueError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no chat template: "
-                         "the R1 prompt cannot be rendered (give the model one, or use chat=False)")
+        raise ModelInputError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no chat template: "
+                              "the R1 prompt cannot be rendered (give the model one; `r1ray sft --no-template` "
+                              "trains on raw prompts)")
     if isinstance(template, dict):
         template = template.get("default", "")
     if R1_SYSTEM in template:            # the embedded presets: the template carries the instruction
@@ -44,8 +50,8 @@ def prompt_text(tokenizer, prompt: str) -> str:
 def completion_ids(tokenizer, prompt_rendered: str, completion: str) -> list[int]:
     """Token ids of an assistant answer that follows `prompt_rendered`, closed by the EOS token.
 
-    A space separates it from a prompt that ends in a word ("... Assistant:"); none after a
-    template that ends in whitespace ("<|im_start|>assistant\\n").
+    A space separates it from the prompt ("... Assistant:"), except after a template that
+    ends its assistant header with a newline ("<|im_start|>assistant\\n").
     """
-    lead = "" if prompt_rendered[-1:].isspace() else " "
+    lead = "" if prompt_rendered.endswith("\n") else " "
     return tokenizer.encode(lead + completion.strip(), add_special_tokens=False) + [tokenizer.eos_token_id]

@@ -52,6 +52,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--tests", nargs="+", default=list(TESTS), choices=list(TESTS))
+    ap.add_argument("--timeout-s", type=int, default=3600, help="per (seed, threads) pytest run")
     ap.add_argument("--out", default=None, help="also write the JSON here")
     args = ap.parse_args()
 
@@ -63,21 +64,25 @@ def main() -> None:
             env = {**os.environ, "R1RAY_TEST_SEED": str(seed), "R1RAY_TEST_THREADS": str(threads),
                    "R1RAY_OUTCOMES": str(sink)}
             t0 = time.perf_counter()
-            proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                                   *[TESTS[k] for k in args.tests]], cwd=ROOT, env=env,
-                                  capture_output=True, text=True)
-            failed = {line.split("::")[-1].split(" ")[0] for line in proc.stdout.splitlines()
-                      if line.startswith("FAILED")}
+            try:
+                proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                                       *[TESTS[k] for k in args.tests]], cwd=ROOT, env=env,
+                                      capture_output=True, text=True, timeout=args.timeout_s)
+                out, rc = proc.stdout, proc.returncode
+            except subprocess.TimeoutExpired as e:
+                out, rc = f"timed out after {args.timeout_s} s\n{e.stdout or ''}", "timeout"
+            failed = {line.split("::")[-1].split(" ")[0] for line in out.splitlines()
+                      if line.startswith(("FAILED", "ERROR"))}
             got = [json.loads(x) for x in sink.read_text().splitlines()] if sink.exists() else []
             for key in args.tests:
                 name = TESTS[key].split("::")[-1]
                 mine = [r for r in got if r["test"] == key]
                 if not mine:   # failed before it measured anything
                     rows.append({"test": key, "threshold": "", "seed": seed, "threads": threads, "passed": False,
-                                 "error": proc.stdout[-1500:]})
+                                 "error": out[-1500:]})
                 for r in mine:
-                    rows.append({**r, "passed": name not in failed})
-            print(f"seed {seed} threads {threads}: rc {proc.returncode} in {time.perf_counter() - t0:.0f} s",
+                    rows.append({**r, "passed": name not in failed and rc != "timeout"})
+            print(f"seed {seed} threads {threads}: rc {rc} in {time.perf_counter() - t0:.0f} s",
                   file=sys.stderr, flush=True)
     result = {"cpu": _cpu_name(), "cores": os.cpu_count(), "seeds": args.seeds, "threads": args.threads,
               "summary": summarize(rows), "rows": rows}

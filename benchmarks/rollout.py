@@ -26,10 +26,11 @@ PROMPTS = [f"What is {a} + {b}?" for a, b in zip(range(1, 9), range(11, 19))]
 def bench_direct(model_path: str, n: int, max_tokens: int, repeats: int) -> float:
     from vllm import LLM, SamplingParams
 
+    from actors.prompts import prompt_ids
+
     llm = LLM(model=model_path, dtype="float32", seed=0, enforce_eager=True, max_model_len=1024)
     tok = llm.get_tokenizer()
-    ids = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                   tokenize=True, return_dict=False) for p in PROMPTS]
+    ids = [prompt_ids(tok, p) for p in PROMPTS]   # the rollout worker's rendering
     params = SamplingParams(n=n, max_tokens=max_tokens, ignore_eos=True, logprobs=0, temperature=1.0)
     prompts = [{"prompt_token_ids": i} for i in ids]
     llm.generate(prompts, params, use_tqdm=False)  # warm-up

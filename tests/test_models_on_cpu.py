@@ -46,6 +46,24 @@ def test_chat_template_renders_the_r1_template():
     assert sft.endswith(". Assistant: <think>t</think> <answer>a</answer><|endoftext|>")
 
 
+def test_one_prompt_rendering_keeps_the_tiny_ids():
+    """actors/prompts.py gives the embedded template exactly the ids of a plain user turn, and SFT
+    rows are prompt + " " + completion + EOS, with and without the template."""
+    from actors.prompts import chat_messages, prompt_ids
+    from drivers.sft import sft_rows
+
+    tok = build_tokenizer()
+    q, a = "What is 12 + 30?", " <think> 2 + 0 = 2 , 1 + 3 = 4 </think> <answer> 42 </answer> "
+    assert chat_messages(tok, q) == [{"role": "user", "content": q}]       # the template carries R1_SYSTEM
+    plain = list(tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                         tokenize=True, return_dict=False))
+    assert prompt_ids(tok, q) == plain
+    completion = tok.encode(" " + a.strip(), add_special_tokens=False) + [tok.eos_token_id]
+    assert sft_rows(tok, [{"prompt": q, "completion": a}]) == ([plain + completion], [len(plain)])
+    raw = tok.encode(q + " ", add_special_tokens=False)
+    assert sft_rows(tok, [{"prompt": q + " ", "completion": a}], chat=False) == ([raw + completion], [len(raw)])
+
+
 def test_tiny_preset_builds_saves_and_reloads(tiny_model_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from drivers.ray_utils import check_ray_address
+from drivers.ray_utils import RayAddressError, check_ray_address
 
 ROOT = Path(__file__).resolve().parents[1]
 R1RAY = str(Path(sys.executable).parent / "r1ray")
@@ -68,9 +68,9 @@ def test_ray_address_pointing_nowhere_fails_fast_naming_it(tiny_model_path, ray_
 def test_check_ray_address_forms():
     for bad, msg in [("http://127.0.0.1:8265", "dashboard"), ("no-port-here", "not host:port"),
                      ("ray://127.0.0.1", "not host:port"), ("127.0.0.1:99999", "not host:port")]:
-        with pytest.raises(ConnectionError, match=msg):
+        with pytest.raises(RayAddressError, match=msg):
             check_ray_address(bad)
-    with pytest.raises(ConnectionError, match="no Ray cluster answers"):
+    with pytest.raises(RayAddressError, match="no Ray cluster answers"):
         check_ray_address("ray://" + _dead_address())
     with socket.socket() as s:                # something listening: accepted
         s.bind(("127.0.0.1", 0))

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from actors.prompts import R1_SYSTEM, chat_messages, prompt_ids, prompt_text
+from actors.prompts import R1_SYSTEM, ModelInputError, chat_messages, prompt_ids, prompt_text
 
 
 @pytest.fixture(scope="session")
@@ -52,22 +52,22 @@ def test_bad_models_fail_with_a_clear_error(tmp_path, monkeypatch, capsys):
     assert "is not a GGUF model file" in capsys.readouterr().err
     header_only = tmp_path / "vocab.gguf"          # the magic bytes, but no model inside
     header_only.write_bytes(b"GGUF" + bytes(60))
-    with pytest.raises(ValueError, match="not a causal LM that transformers can load"):
+    with pytest.raises(ModelInputError, match="not a causal LM that transformers can load"):
         models.export_gguf(header_only, tmp_path / "y")
     monkeypatch.setitem(models.PACKAGED, "ghost", ("r1ray_no_such_package", "no-such-package", "m.gguf"))
-    with pytest.raises(FileNotFoundError, match="needs the package no-such-package"):
+    with pytest.raises(ModelInputError, match="needs the package no-such-package"):
         models.init_model("ghost", tmp_path / "z")
     with pytest.raises(ValueError, match="unknown preset 'gpt-5'"):
         models.init_model("gpt-5", tmp_path / "z")
     no_tok = tmp_path / "no-tokenizer"
     no_tok.mkdir()
     (no_tok / "config.json").write_text("{}")
-    with pytest.raises(FileNotFoundError, match="has no tokenizer"):
+    with pytest.raises(ModelInputError, match="has no tokenizer"):
         models.ensure_model(build_config({"model": {"path": str(no_tok)}}).model, tmp_path)
 
     class NoTemplate:
         chat_template, name_or_path = None, "plain-lm"
-    with pytest.raises(ValueError, match="'plain-lm' has no chat template"):
+    with pytest.raises(ModelInputError, match="'plain-lm' has no chat template"):
         chat_messages(NoTemplate(), "What is 2 + 3?")
 
 
@@ -153,13 +153,20 @@ def test_two_grpo_steps_on_smollm2_move_the_weights_and_vllm_serves_them(ray_ses
     assert moved > 1e-2 and gap <= 1e-3
 
 
-def test_a_model_without_a_chat_template_fails_before_any_actor_starts(tiny_model_path, tmp_path):
+def test_a_model_without_a_chat_template_fails_before_any_actor_starts(tiny_model_path, tmp_path, monkeypatch,
+                                                                        capsys):
     import shutil
 
+    from drivers import ray_utils
+    from drivers.cli import main
     from drivers.config import build_config
     from drivers.sft import run_sft
     from drivers.train import Run
 
+    def no_ray(*_a, **_k):
+        raise AssertionError("Ray was started before the bad model was caught")
+
+    monkeypatch.setattr(ray_utils, "init_ray", no_ray)
     plain = tmp_path / "no-template"
     shutil.copytree(tiny_model_path, plain)
     (plain / "chat_template.jinja").unlink(missing_ok=True)
@@ -168,7 +175,11 @@ def test_a_model_without_a_chat_template_fails_before_any_actor_starts(tiny_mode
     (plain / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
     data = tmp_path / "rows.jsonl"
     data.write_text(json.dumps({"prompt": "What is 2 + 3?", "completion": "<answer> 5 </answer>"}) + "\n")
-    with pytest.raises(ValueError, match="has no chat template"):
+    with pytest.raises(ModelInputError, match="has no chat template"):
         run_sft(str(plain), str(data), str(tmp_path / "out"))
-    with pytest.raises(ValueError, match="has no chat template"):
+    with pytest.raises(ModelInputError, match="has no chat template"):
         Run(build_config({"model": {"path": str(plain)}, "run": {"output_dir": str(tmp_path / "run")}}))
+    test = tmp_path / "test.jsonl"
+    test.write_text(json.dumps({"prompt": "What is 2 + 3?", "answer": "5"}) + "\n")
+    assert main(["eval", "--model", str(plain), "--data", str(test)]) == 2
+    assert "has no chat template" in capsys.readouterr().err
