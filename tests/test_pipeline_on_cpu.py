@@ -33,7 +33,8 @@ def test_tiny_pipeline_runs_every_stage_and_resumes_stage_by_stage(ray_session, 
                                                                    outcome_threads):
     """Every stage on the tiny model, shortened; its one training outcome is the cold start's format.
 
-    Margin: MARGIN_NOTE
+    Margin (benchmarks/outcome_margins.py, seeds 0-2, 2-core AMD EPYC): cold-start format
+    0.969-1.0 against the 0.5 asserted; the random base model's is 0.0.
     """
     from drivers.cli import main
     from outcomes import report_outcome
@@ -52,9 +53,9 @@ def test_tiny_pipeline_runs_every_stage_and_resumes_stage_by_stage(ray_session, 
     print(json.dumps(table))
     assert set(table) == {"base", "zero", "cold_start", "reasoning_rl", "rejection_sampling", "all_scenario_rl",
                           "distill", "distill_no_teacher"}
-    report_outcome("pipeline_cold_start", "cold_start format > base format",
+    report_outcome("pipeline_cold_start", "cold_start format >= 0.5 (base 0.0 measured alongside)",
                    cold_start_format=table["cold_start"]["format"], base_format=table["base"]["format"])
-    assert table["cold_start"]["format"] > table["base"]["format"]          # the layout was learned
+    assert table["base"]["format"] == 0.0 and table["cold_start"]["format"] >= 0.5   # the layout was learned
     stats = result["stages"]["rejection_sampling"]["stats"]
     assert stats["sampled"] == 48 * 4 and 0 < stats["kept"] <= stats["sampled"]
     assert sum(v for k, v in stats.items() if k not in ("sampled", "kept", "prompts_with_a_kept_sample", "sft_rows")) \
