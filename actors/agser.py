@@ -1,6 +1,6 @@
 """AGSER: attention-guided self-reflection for zero-shot hallucination detection (Liu et al. 2025).
 
-ALGORITHMS.md §3. For a query X (M tokens) and the model's greedy answer Y:
+For a query X (M tokens) and the model's greedy answer Y:
   1. score every query token by how much the model attends to it (two variants below);
   2. X_att = the top k = ceil(2/3 M) tokens in their original order, X_non_att = the rest;
   3. Y_att = f(X_att), Y_non_att = f(X_non_att);

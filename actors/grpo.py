@@ -1,6 +1,6 @@
 """GRPO and the field's variants as pure PyTorch functions (no Ray, vLLM or DeepSpeed).
 
-ALGORITHMS.md §1 has the formulas. Shapes: B sequences, T completion positions, V vocabulary.
+Each function states its formula in its docstring. Shapes: B sequences, T completion positions, V vocabulary.
 Nothing here mutates its arguments. Masks select completion tokens only (never prompt or pad).
 
 - `group_advantages`: GRPO's group-normalised outcome advantage ("std") or Dr. GRPO's ("none").

@@ -108,7 +108,7 @@ class LearnerConfig(_Section):
 
 
 class AlgoConfig(_Section):
-    """GRPO and its variants (ALGORITHMS.md §1); defaults are the seed's GRPO."""
+    """GRPO and its variants (formulas in actors/grpo.py); the defaults are plain GRPO."""
 
     adv_scale: Literal["std", "none"] = Field("std", description="'none' is Dr. GRPO.")
     eps_low: float = Field(0.2, gt=0.0, lt=1.0)

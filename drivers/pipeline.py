@@ -1,4 +1,5 @@
-"""`r1ray pipeline CONFIG`: the DeepSeek-R1 stages (ALGORITHMS.md §2), each feeding the next.
+"""`r1ray pipeline CONFIG`: the DeepSeek-R1 stages, each feeding the next (R1 paper, DeepSeek-AI
+2025, sections 2.2-2.4).
 
 Stages (pipeline.stages, in this order; each writes <output_dir>/<stage>/ and a done.json with
 its model path and metrics; a stage with a done.json is not run again, an RL stage stopped half
