@@ -102,9 +102,36 @@ def answers_match(answer: str, reference: str) -> bool:
     return bool(gold and pred and verify(gold, pred, timeout_seconds=None))
 
 
-def accuracy_reward(completion: str, reference: str) -> float:
-    """1.0 when the completion's final answer equals the reference's, else 0.0."""
+_LAST_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def last_number(text: str) -> str | None:
+    """The last number written in `text` ("... so 7 * 8 = 56." -> "56"), or None."""
+    found = None
+    for found in _LAST_NUMBER.finditer(text):
+        pass
+    return found.group(0).rstrip(",") if found else None
+
+
+def final_answer(completion: str, extraction: str = "tags") -> str | None:
+    """The answer a completion gives, or None.
+
+    extraction "tags": read only from <answer>, `####` or `\\boxed{}` (`extract_answer`);
+    "last_number": when none of those is there, the last number of the text (the "flexible
+    extract" of GSM8K harnesses: for a model that has not learned the tags yet, e.g. R1-Zero
+    from a chat model).
+    """
+    if extraction not in ("tags", "last_number"):
+        raise ValueError(f"extraction must be 'tags' or 'last_number', got {extraction!r}")
     answer = extract_answer(completion)
+    if answer is None and extraction == "last_number":
+        answer = last_number(completion)
+    return answer
+
+
+def accuracy_reward(completion: str, reference: str, extraction: str = "tags") -> float:
+    """1.0 when the completion's final answer (`final_answer`) equals the reference's, else 0.0."""
+    answer = final_answer(completion, extraction)
     gold = extract_answer(reference)
     gold = gold if gold is not None else reference.strip()
     if not answer or not gold:
@@ -175,7 +202,7 @@ DEFAULT_WEIGHTS = {"accuracy": 1.0, "format": 0.0, "language": 0.0, "overlong": 
 
 def score_one(completion: str, reference: str, length: int | None = None, *,
               weights: dict | None = None, layout: str = "r1", target_language: str = "en",
-              max_len: int | None = None, cache_len: int | None = None) -> RewardResult:
+              max_len: int | None = None, cache_len: int | None = None, extraction: str = "tags") -> RewardResult:
     """All components of one completion and their weighted sum (status "ok").
 
     Components with weight 0 are still computed (cheap) and reported, except accuracy (the
@@ -189,7 +216,7 @@ def score_one(completion: str, reference: str, length: int | None = None, *,
     comps = {"format": format_reward(completion, layout),
              "language": language_consistency(chain_of_thought(completion), target_language)}
     if weights["accuracy"] and reference is not None:
-        comps["accuracy"] = accuracy_reward(completion, reference)
+        comps["accuracy"] = accuracy_reward(completion, reference, extraction)
     if length is not None and max_len and cache_len:
         comps["overlong"] = float(overlong_penalty(length, max_len, cache_len))
     reward = sum(weights[k] * v for k, v in comps.items())
@@ -308,7 +335,7 @@ def score_batch(completions: list[str], references: list[str], lengths: list[int
                 **score_config) -> list[RewardResult]:
     """Score completions against references in a deadline-bounded process pool.
 
-    score_config: weights, layout, target_language, max_len, cache_len (see score_one).
+    score_config: weights, layout, target_language, max_len, cache_len, extraction (see score_one).
     One RewardResult per completion, in order, with status ok / timeout / error.
     """
     if len(completions) != len(references):

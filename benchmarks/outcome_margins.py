@@ -85,14 +85,15 @@ def main() -> None:
                     rows.append({**r, "passed": name not in failed and rc != "timeout"})
             print(f"seed {seed} threads {threads}: rc {rc} in {time.perf_counter() - t0:.0f} s",
                   file=sys.stderr, flush=True)
-    result = {"cpu": _cpu_name(), "cores": os.cpu_count(), "seeds": args.seeds, "threads": args.threads,
+    result = {"cpu": cpu_name(), "cores": os.cpu_count(), "seeds": args.seeds, "threads": args.threads,
               "summary": summarize(rows), "rows": rows}
     print(json.dumps(result, indent=1))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1))
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo ("unknown" elsewhere)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):

@@ -20,7 +20,7 @@ from pathlib import Path
 
 CENTRE = {"rollout.group_size": 8, "rollout.max_tokens": 48, "rollout.num_workers": 1}
 AXES = {"rollout.group_size": [4, 8, 16], "rollout.max_tokens": [24, 48, 96], "rollout.num_workers": [1, 2]}
-PARTS = {"generate+score": "perf/generate_seconds", "learner": "train/step_seconds", "sync": "sync/seconds"}
+PARTS = {"generate": "perf/generate_seconds", "score": "perf/score_seconds", "learner": "train/step_seconds", "sync": "sync/seconds"}
 
 
 def measure(base: dict, overrides: list[str], point: dict, out: Path, steps: int, model_path: str) -> dict:

@@ -116,7 +116,7 @@ def _cmd_eval(args) -> int:
 
     metrics = run_eval(args.model, args.data, k=args.k, temperature=args.temperature, top_p=args.top_p,
                        max_tokens=args.max_tokens, limit=args.limit, seed=args.seed, dtype=args.dtype,
-                       cpu_threads=args.threads)
+                       cpu_threads=args.threads, extraction=args.extraction)
     print(format_eval(metrics))
     print(json.dumps(metrics))
     if args.out:
@@ -221,6 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--threads", type=_non_negative_int, default=0, help="CPU only: the engine's threads (0: all cores)")
+    q.add_argument("--extraction", default="tags", choices=["tags", "last_number"],
+                   help="where answers are read: the tags only, or the last number when there are none")
     q.add_argument("--out", default=None, help="also write the JSON here")
     q.set_defaults(fn=_cmd_eval)
 

@@ -62,6 +62,9 @@ class RewardConfig(_Section):
         default_factory=lambda: {"accuracy": 1.0, "format": 0.5},
         description="Weighted sum of components; missing components weigh 0.")
     layout: Literal["r1", "cold_start"] = "r1"
+    extraction: Literal["tags", "last_number"] = Field(
+        "tags", description="Where the accuracy reward reads the answer: <answer>/#### /\\boxed only, or "
+        "also the last number of the text when none of those is there (a model that never writes the tags).")
     target_language: Literal["en", "zh"] = "en"
     overlong_cache_len: int = Field(
         0, ge=0, description="DAPO soft overlong buffer in tokens (0: off); L_max = rollout.max_tokens.")
@@ -79,8 +82,10 @@ class TaskConfig(_Section):
     general_path: str | None = Field(
         None, description="jsonl of {prompt} rows without a verifiable answer, mixed into training "
                           "(all-scenario RL): rewarded by the judge (judge.reward_weight) and the format rule.")
-    a_max: int = Field(99, ge=1, le=100_000, description="Arithmetic: first operand 0..a_max.")
-    b_max: int = Field(9, ge=1, le=100_000, description="Arithmetic: second operand 0..b_max.")
+    a_min: int = Field(0, ge=0, le=100_000, description="Arithmetic: first operand a_min..a_max.")
+    a_max: int = Field(99, ge=1, le=100_000)
+    b_min: int = Field(0, ge=0, le=100_000, description="Arithmetic: second operand b_min..b_max.")
+    b_max: int = Field(9, ge=1, le=100_000)
     ops: list[Literal["+", "-", "*"]] = Field(default_factory=lambda: ["+"], min_length=1)
     heldout: int = Field(32, ge=1, description="Held-out prompts for evaluation.")
 
@@ -88,6 +93,8 @@ class TaskConfig(_Section):
     def _path_given(self) -> "TaskConfig":
         if self.kind == "jsonl" and not self.path:
             raise ValueError("task.path is required when task.kind is 'jsonl'")
+        if self.a_min > self.a_max or self.b_min > self.b_max:
+            raise ValueError(f"empty operand range: a {self.a_min}..{self.a_max}, b {self.b_min}..{self.b_max}")
         return self
 
 
@@ -134,7 +141,9 @@ class TrainConfig(_Section):
     max_staleness: int = Field(1, ge=0, le=1000, description="Async: admit samples at most this many versions old.")
     sft_steps: int = Field(0, ge=0, description="Cold-start SFT steps on worked examples before RL.")
     sft_batch_size: int = Field(32, ge=1)
-    eval_every: int = Field(0, ge=0, description="Greedy held-out accuracy every k steps (0: start and end only).")
+    eval_every: int = Field(0, ge=0, description="Held-out accuracy every k steps (0: start and end only).")
+    eval_k: int = Field(1, ge=1, le=64, description="Held-out samples per prompt; accuracy is their mean (pass@1).")
+    eval_temperature: float = Field(0.0, ge=0.0, le=10.0, description="Held-out sampling temperature (0: greedy).")
     checkpoint_every: int = Field(10, ge=1)
     max_refill_rounds: int = Field(4, ge=0, description="Dynamic sampling: extra generation rounds per step.")
     sync_timeout_s: float = Field(600.0, gt=0.0, description="A weight sync not done in this time is an error, not a hang.")

@@ -62,15 +62,16 @@ def summarize_eval(per_prompt: list[list[dict]], ks: list[int]) -> dict:
 def run_eval(model: str, data: str, *, k: int = 8, temperature: float = 0.6, top_p: float = 0.95,
              max_tokens: int = 256, limit: int | None = None, seed: int = 0, dtype: str = "float32",
              max_model_len: int = 2048, verifier_timeout_s: float = 5.0, layout: str = "r1",
-             target_language: str = "en", cpu_threads: int = 0) -> dict:
+             target_language: str = "en", cpu_threads: int = 0, extraction: str = "tags") -> dict:
     """Sample k answers per prompt of `data` ({"prompt", "answer"} jsonl) and compute the metrics.
 
     cpu_threads: CPU only, the engine's OpenMP threads (0: all cores).
     layout: the format the format rate checks ("r1" or "cold_start").
+    extraction: where answers are read ("tags", or "last_number" as a fallback; see final_answer).
     """
     import ray
 
-    from actors.rewards import RewardWorker, extract_answer
+    from actors.rewards import RewardWorker, final_answer
     from drivers.config import build_config
     from drivers.ray_utils import init_ray, rollout_worker_actor
     from drivers.tasks import load_jsonl
@@ -93,7 +94,7 @@ def run_eval(model: str, data: str, *, k: int = 8, temperature: float = 0.6, top
         "cpu_threads": cpu_threads}})
     worker = rollout_worker_actor(model, cfg)
     scorer = ray.remote(num_cpus=1)(RewardWorker).remote(timeout_s=verifier_timeout_s, layout=layout,
-                                                          target_language=target_language,
+                                                          target_language=target_language, extraction=extraction,
                                                           weights={"accuracy": 1.0, "format": 0.0, "language": 0.0})
     try:
         rollouts = ray.get(worker.generate.remote([e["prompt"] for e in examples], n=k, seed=seed))
@@ -106,7 +107,7 @@ def run_eval(model: str, data: str, *, k: int = 8, temperature: float = 0.6, top
     for r, res in zip(rollouts, results):
         per_prompt[r.prompt_index].append({
             "correct": res.status == "ok" and res.components.get("accuracy", 0.0) == 1.0,
-            "answer": extract_answer(r.text), "length": len(r.completion_ids),
+            "answer": final_answer(r.text, extraction), "length": len(r.completion_ids),
             "format": res.components.get("format", 0.0), "language": res.components.get("language", 1.0),
             "status": res.status})
     ks = sorted({1, *[x for x in (2, 4, 8, 16, 32, 64) if x <= k], k})

@@ -21,16 +21,16 @@ class Dataset:
     skipped: list[tuple[int, str]] = field(default_factory=list)
 
 
-def arithmetic_examples(a_max: int, b_max: int, ops: list[str]) -> list[dict]:
-    """Every a OP b with 0 <= a <= a_max, 0 <= b <= b_max (negative results excluded), in order.
+def arithmetic_examples(a_max: int, b_max: int, ops: list[str], a_min: int = 0, b_min: int = 0) -> list[dict]:
+    """Every a OP b with a_min <= a <= a_max, b_min <= b <= b_max (negative results excluded), in order.
 
     With a_max 99 and b_max 9, a held-out problem is new as a whole but made of parts seen in
     training (the units-digit sums and the carry), so a small model can generalise to it.
     """
     out = []
     for op in ops:
-        for a in range(a_max + 1):
-            for b in range(b_max + 1):
+        for a in range(a_min, a_max + 1):
+            for b in range(b_min, b_max + 1):
                 value = {"+": a + b, "-": a - b, "*": a * b}[op]
                 if value >= 0:
                     worked = column_addition(a, b) if op == "+" else f"{a} {op} {b} = {value}"

@@ -36,7 +36,7 @@ def load_task(cfg: Config) -> tuple[list[dict], list[dict], list]:
         data = load_jsonl(t.general_path, general=True)
         general, skipped = data.examples, list(data.skipped)
     if t.kind == "arithmetic":
-        train, held = split_heldout(arithmetic_examples(t.a_max, t.b_max, t.ops), t.heldout, cfg.seed)
+        train, held = split_heldout(arithmetic_examples(t.a_max, t.b_max, t.ops, t.a_min, t.b_min), t.heldout, cfg.seed)
         return train + general, held, skipped
     data = load_jsonl(t.path)
     skipped += data.skipped
@@ -96,7 +96,7 @@ class Run:
                                   name="reward", kwargs_fn=lambda r, a, p: dict(
                                       timeout_s=cfg.reward.timeout_s, num_procs=cfg.reward.procs_per_worker,
                                       weights=cfg.reward.weights, layout=cfg.reward.layout,
-                                      target_language=cfg.reward.target_language,
+                                      target_language=cfg.reward.target_language, extraction=cfg.reward.extraction,
                                       max_len=cfg.rollout.max_tokens if cfg.reward.overlong_cache_len else None,
                                       cache_len=cfg.reward.overlong_cache_len or None))
         lp = plan["learner"]
@@ -128,7 +128,7 @@ class Run:
                                         kwargs_fn=lambda r, a, p: dict(
                                             model_path=self.model_path, **cfg.rollout.model_dump(), dtype=cfg.model.dtype,
                                             reward=dict(timeout_s=cfg.reward.timeout_s, weights=cfg.reward.weights,
-                                                        layout=cfg.reward.layout,
+                                                        layout=cfg.reward.layout, extraction=cfg.reward.extraction,
                                                         target_language=cfg.reward.target_language)))
             ray.get(self.evaluator.actors[0].info.remote())
         self.ray = ray
@@ -286,11 +286,13 @@ class Run:
 
     # ---------------------------------------------------------------- evaluation
     def evaluate(self, examples: list[dict] | None = None) -> dict:
-        """Greedy accuracy, format rate and mean length on the held-out prompts."""
+        """Held-out accuracy (pass@1: the mean over train.eval_k samples at train.eval_temperature;
+        greedy by default), format rate and mean length."""
         from actors.evaluator import eval_metrics
 
         examples = examples or self.heldout
-        groups = self.collect(self.launch_generation(examples, seed=0, n=1, temperature=0.0))
+        t = self.cfg.train
+        groups = self.collect(self.launch_generation(examples, seed=0, n=t.eval_k, temperature=t.eval_temperature))
         return eval_metrics([r for _, rs in groups for r in rs], self.score(groups), len(examples))
 
     def launch_eval(self, step: int) -> None:
@@ -390,7 +392,9 @@ class Run:
         """Collect, score, and (dynamic sampling) refill until enough groups have variance."""
         cfg = self.cfg
         groups = self.collect(launched)
+        t0 = time.perf_counter()
         results = self.score(groups)
+        score_s = time.perf_counter() - t0
         rounds = 0
         if cfg.algo.dynamic_sampling:
             G = cfg.rollout.group_size
@@ -404,8 +408,10 @@ class Run:
                                      cfg.train.prompts_per_step, cfg.seed + 1)
                 more = self.collect(self.launch_generation(extra, seed=self.step_seed(step, rounds)))
                 groups += more
+                t0 = time.perf_counter()
                 results += self.score(more)
-        return groups, results, {"train/refill_rounds": rounds}
+                score_s += time.perf_counter() - t0
+        return groups, results, {"train/refill_rounds": rounds, "perf/score_seconds": score_s}
 
     # ---------------------------------------------------------------- AGSER judge pool
     def judge_step(self, step: int, groups) -> dict:
@@ -480,7 +486,7 @@ class Run:
         for step in bar:
             t0, t_wall = time.perf_counter(), time.time()
             groups, results, extra = self.gather_step(step, pending.pop(step))
-            gen_s = time.perf_counter() - t0
+            gen_s = time.perf_counter() - t0 - extra["perf/score_seconds"]
             if ahead and step + ahead < cfg.train.steps:  # generates while the learner trains
                 pending[step + ahead] = self.generate_step(step + ahead)
             batch, metrics = self.build_batch(groups, results)
@@ -513,6 +519,7 @@ class Run:
         summary["end"] = self.evaluate()
         self.logger.log({**summary["end"], **self.collect_judging()}, step=self.state["step"])
         summary["curves"] = str(self.logger.plot())
+        summary.update(eval_k=cfg.train.eval_k, eval_temperature=cfg.train.eval_temperature)
         summary["samples"] = self.state["samples"]
         summary["stale_dropped"] = self.state["stale_dropped"]
         return summary
@@ -548,7 +555,9 @@ def format_table(summary: dict) -> str:
     """The before/after table printed at the end of a run."""
     cols = [k for k in ("base", "start", "end") if k in summary]
     names = {"base": "base model", "start": "start of RL", "end": "end of RL"}
-    lines = [f"{'held-out (greedy)':<22}" + "".join(f"{names[c]:>14}" for c in cols)]
+    k, temp = summary.get("eval_k", 1), summary.get("eval_temperature", 0.0)
+    how = "greedy" if temp == 0 else f"pass@1, k {k}, T {temp:g}"
+    lines = [f"{f'held-out ({how})':<22}" + "".join(f"{names[c]:>14}" for c in cols)]
     for key, label in [("eval/accuracy", "accuracy"), ("eval/format", "format"), ("eval/length", "length")]:
         lines.append(f"{label:<22}" + "".join(f"{summary[c][key]:>14.3f}" for c in cols))
     return "\n".join(lines)

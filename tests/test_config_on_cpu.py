@@ -58,6 +58,8 @@ def test_cross_field_check_and_every_error_reported():
     with pytest.raises(ConfigError, match="task.general_path .* judge.enabled=true and judge.reward_weight > 0"):
         build_config({"task": {"general_path": "general.jsonl"}, "judge": {"enabled": True}})
     assert build_config({"task": {"general_path": "g.jsonl"}, "judge": {"enabled": True, "reward_weight": 0.5}})
+    with pytest.raises(ConfigError, match="empty operand range: a 13..12"):
+        build_config({"task": {"a_min": 13, "a_max": 12}})
 
 
 def test_bad_files_and_overrides(tmp_path):

@@ -4,11 +4,14 @@ Exported once per test session (de-quantised GGUF -> fp32 HF folder, ~20 s, 538 
 a vLLM engine on Ray and checked against transformers.
 """
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
 from actors.prompts import R1_SYSTEM, ModelInputError, chat_messages, prompt_ids, prompt_text
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
@@ -99,28 +102,27 @@ def test_vllm_serves_smollm2_with_transformers_logprobs(ray_session, smollm2_pat
     assert len(rollouts) == 4 and worst <= 1e-3
 
 
-def test_two_grpo_steps_on_smollm2_move_the_weights_and_vllm_serves_them(ray_session, smollm2_path, tmp_path):
-    """The R1 loop on the real model, shortened: a 6-step cold start (SmolLM2 never writes the
-    R1 tags unprompted, so every reward would be 0 and every group flat), then 2 GRPO steps
-    (2 prompts x G 8, at most 40 tokens).
+def test_two_grpo_steps_of_the_smollm2_zero_recipe_move_the_weights_and_vllm_serves_them(
+        ray_session, smollm2_path, tmp_path):
+    """configs/smollm2-zero.yaml shortened: R1-Zero from the chat model, no cold start, 2 GRPO
+    steps of 2 prompts x G 8, at most 64 tokens.
 
-    The GRPO steps had groups with reward variance and a non-zero gradient; the learner's
-    weights moved from the base model's; the rollout engine serves the learner's weights (its
-    logprobs of a fixed answer within 1e-3 of transformers run on them).
+    The base model never writes the R1 tags; the recipe's accuracy reward reads the last number
+    of its prose, so rewards vary from the first step. The GRPO steps had groups with reward
+    variance and a non-zero gradient; the learner's weights moved from the base model's; the
+    rollout engine serves the learner's weights (its logprobs of a fixed answer within 1e-3 of
+    transformers run on them).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from drivers.config import build_config
+    from drivers.config import load_config
     from drivers.train import Run
 
-    cfg = build_config({
-        "run": {"name": "smol2", "output_dir": str(tmp_path / "run"), "wandb_mode": "disabled"},
-        "model": {"path": smollm2_path},
-        "task": {"a_max": 9, "b_max": 9, "heldout": 2},
-        "rollout": {"group_size": 8, "max_tokens": 40, "max_model_len": 512, "temperature": 1.0},
-        "learner": {"lr": 1e-5, "sft_lr": 3e-4, "warmup_steps": 0},
-        "train": {"steps": 2, "prompts_per_step": 2, "sft_steps": 6, "sft_batch_size": 8, "eval_every": 0,
-                  "checkpoint_every": 1000}})
+    cfg = load_config(ROOT / "configs" / "smollm2-zero.yaml", [
+        f"run.output_dir={tmp_path / 'run'}", "run.wandb_mode=disabled", f"model.path={smollm2_path}",
+        "task.heldout=2", "rollout.max_tokens=64", "train.steps=2", "train.prompts_per_step=2",
+        "train.eval_k=1", "train.checkpoint_every=1000", "learner.warmup_steps=0"])
+    assert cfg.train.sft_steps == 0 and cfg.reward.extraction == "last_number"
     run = Run(cfg)
     try:
         summary = run.train()
@@ -149,7 +151,7 @@ def test_two_grpo_steps_on_smollm2_move_the_weights_and_vllm_serves_them(ray_ses
     base, trained = hf_logprobs(), hf_logprobs(state)
     moved = (trained - base).abs().max().item()
     gap = (trained - vllm_lp).abs().max().item()
-    print(f"SmolLM2 after cold start + 2 GRPO steps: logprobs moved by up to {moved:.3e}; vLLM vs learner {gap:.2e}")
+    print(f"SmolLM2 after 2 GRPO steps: logprobs moved by up to {moved:.3e}; vLLM vs learner {gap:.2e}")
     assert moved > 1e-2 and gap <= 1e-3
 
 

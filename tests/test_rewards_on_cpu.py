@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from actors.rewards import (RewardResult, RewardWorker, VerifierPool, accuracy_reward,
-                            chain_of_thought, extract_answer, format_reward,
-                            language_consistency, score_batch, score_one, summarize)
+                            chain_of_thought, extract_answer, final_answer, format_reward,
+                            language_consistency, last_number, score_batch, score_one, summarize)
 
 ROOT = Path(__file__).resolve().parents[1]
 GSM8K_TEST = ROOT / "data" / "gsm8k" / "test.jsonl"  # MIT, copied from openai/grade-school-math
@@ -56,6 +56,36 @@ def test_extract_answer(text, expect):
 ])
 def test_accuracy_reward(completion, reference, expect):
     assert accuracy_reward(completion, reference) == expect
+
+
+@pytest.mark.parametrize("text, expect", [
+    ("So, 7 * 8 = 56.", "56"),                      # the last number, sentence punctuation left out
+    ("3 * 8 is 24, not 25", "25"),                  # the last one, even when it is wrong
+    ("The total is 1,000, so", "1,000"),            # thousands separator kept, trailing comma not
+    ("it drops to -3.5 degrees", "-3.5"),
+    ("no digits here", None),
+    ("", None),
+])
+def test_last_number(text, expect):
+    assert last_number(text) == expect
+
+
+def test_last_number_extraction_is_a_fallback_only():
+    chatty = "To find 7 * 8, multiply 7 by 8. The answer is 56."
+    assert accuracy_reward(chatty, "56") == 0.0                        # tags only: no answer
+    assert accuracy_reward(chatty, "56", extraction="last_number") == 1.0
+    assert accuracy_reward(chatty, "57", extraction="last_number") == 0.0
+    tagged = "<think> 7 * 8 = 56 </think> <answer> 54 </answer> 56"   # the tag wins over later text
+    assert final_answer(tagged, "last_number") == "54"
+    assert accuracy_reward(tagged, "56", extraction="last_number") == 0.0
+    r = score_one(chatty, "56", weights={"accuracy": 1.0, "format": 0.2}, extraction="last_number")
+    assert r.components == {"accuracy": 1.0, "format": 0.0, "language": 1.0} and r.reward == 1.0
+    with pytest.raises(ValueError, match="extraction"):
+        accuracy_reward(chatty, "56", extraction="last")
+    worst = "1," * 50_000 + "x"                                        # linear time on long runs
+    t0 = time.perf_counter()
+    assert last_number(worst) == "1," * 49_999 + "1"
+    assert time.perf_counter() - t0 < 1.0
 
 
 # ----------------------------------------------------------------------------- format

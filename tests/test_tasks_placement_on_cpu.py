@@ -19,6 +19,9 @@ def test_arithmetic_examples_and_heldout_split():
     with pytest.raises(ValueError):
         split_heldout(ex, len(ex), seed=0)
     assert worked_example(ex[0]) == "<think> 0 + 0 = 0 </think> <answer> 0 </answer>"
+    products = arithmetic_examples(12, 12, ["*"], a_min=2, b_min=2)       # the smollm2-zero task
+    assert len(products) == 11 * 11 and products[0]["prompt"] == "What is 2 * 2?"
+    assert {"prompt": "What is 12 * 12?", "answer": "144", "worked": "12 * 12 = 144"} in products
 
 
 def test_step_prompts_is_a_pure_function_of_seed_and_step():
