@@ -60,7 +60,7 @@ class RunLogger:
 
         path = Path(path or self.run_dir / "curves.png")
         panels = [("reward/mean", "reward"), ("reward/accuracy", "accuracy (train samples)"),
-                  ("eval/accuracy", "held-out greedy accuracy"), ("rollout/length_mean", "response length")]
+                  ("eval/accuracy", "held-out accuracy (pass@1)"), ("rollout/length_mean", "response length")]
         fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.2))
         for ax, (key, title) in zip(axes, panels):
             pts = [(r["train/step"], r[key]) for r in rows if r.get(key) is not None]

@@ -557,9 +557,11 @@ def format_table(summary: dict) -> str:
     names = {"base": "base model", "start": "start of RL", "end": "end of RL"}
     k, temp = summary.get("eval_k", 1), summary.get("eval_temperature", 0.0)
     how = "greedy" if temp == 0 else f"pass@1, k {k}, T {temp:g}"
-    lines = [f"{f'held-out ({how})':<22}" + "".join(f"{names[c]:>14}" for c in cols)]
+    title = f"held-out ({how})"
+    width = max(22, len(title) + 2)
+    lines = [f"{title:<{width}}" + "".join(f"{names[c]:>14}" for c in cols)]
     for key, label in [("eval/accuracy", "accuracy"), ("eval/format", "format"), ("eval/length", "length")]:
-        lines.append(f"{label:<22}" + "".join(f"{summary[c][key]:>14.3f}" for c in cols))
+        lines.append(f"{label:<{width}}" + "".join(f"{summary[c][key]:>14.3f}" for c in cols))
     return "\n".join(lines)
 
 

@@ -102,3 +102,16 @@ def test_gsm8k_answers_split_into_reasoning_and_final_number():
     data = load_jsonl(path)
     assert len(data.examples) == 7473 and not data.skipped
     assert all(e["answer"].lstrip("-").replace(".", "").isdigit() for e in data.examples)
+
+
+def test_the_run_table_says_how_held_out_accuracy_was_measured():
+    from drivers.train import format_table
+
+    row = {"eval/accuracy": 0.5, "eval/format": 0.0, "eval/length": 40.0}
+    greedy = format_table({"start": row, "end": row}).splitlines()
+    assert greedy[0].split() == ["held-out", "(greedy)", "start", "of", "RL", "end", "of", "RL"]
+    sampled = format_table({"start": row, "end": {**row, "eval/accuracy": 0.625}, "eval_k": 4,
+                            "eval_temperature": 0.6}).splitlines()
+    assert sampled[0].startswith("held-out (pass@1, k 4, T 0.6)")
+    assert sampled[1].split() == ["accuracy", "0.500", "0.625"]
+    assert len({len(line) for line in sampled}) == 1           # the columns line up
