@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import math
 import os
+import re
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -439,30 +441,53 @@ class Learner:
             return {n: p.detach().float().cpu().clone() for n, p in self.engine.module.named_parameters()}
 
     def save_checkpoint(self, directory: str, tag: str = "latest", client_state: dict | None = None) -> str:
-        """DeepSpeed state (optimizer, partitions) + an HF export under directory/hf (collective)."""
+        """DeepSpeed state (optimizer, partitions) under directory/tag, and an HF export of the
+        same weights under directory/tag/hf, written atomically (collective).
+
+        directory/hf, the export users load, moves to this tag only in publish_checkpoint, which
+        the driver calls once its state.json names the tag."""
         directory = Path(directory)
         self.engine.save_checkpoint(str(directory), tag=tag,
                                     client_state={"steps": self.steps, "phase_steps": self.phase_steps,
                                                   "base_lr": self.base_lr, **(client_state or {})})
-        self.save_hf(str(directory / "hf"))
-        return str(directory)
+        self.save_hf(str(directory / tag / "hf"))
+        return str(directory / tag)
+
+    def publish_checkpoint(self, directory: str, tag: str, keep: int | None = None) -> list[str]:
+        """After the driver's state names `tag`: point directory/hf at tag's export (rank 0) and
+        keep the newest `keep` step<N> tags (every rank, on its own disk). Returns the tags deleted."""
+        import torch.distributed as dist
+
+        if self.rank == 0:
+            point_link(Path(directory) / "hf", Path(tag) / "hf")
+        deleted = prune_checkpoints(directory, keep, tag) if keep else []
+        dist.barrier()
+        return deleted
 
     def save_hf(self, directory: str) -> str:
-        """The current weights + the tokenizer as an HF model directory (collective; rank 0 writes)."""
+        """The current weights + the tokenizer as an HF model directory (collective; rank 0 writes).
+
+        Written into a temporary sibling folder and renamed into place: a crash mid-write never
+        leaves a half-written model at `directory`."""
         import torch.distributed as dist
 
         with self._gathered():
             if self.rank == 0:
-                from transformers import AutoTokenizer
-
-                module = self.engine.module
-                training_dropout = getattr(module.config, "attention_dropout", 0.0)
-                module.config.attention_dropout = self._saved_attention_dropout
-                module.save_pretrained(directory, safe_serialization=True)
-                module.config.attention_dropout = training_dropout
-                AutoTokenizer.from_pretrained(self.model_path).save_pretrained(directory)
+                write_dir_atomically(Path(directory), self._write_hf)
         dist.barrier()
         return directory
+
+    def _write_hf(self, directory: Path) -> None:
+        from transformers import AutoTokenizer
+
+        module = self.engine.module
+        training_dropout = getattr(module.config, "attention_dropout", 0.0)
+        module.config.attention_dropout = self._saved_attention_dropout
+        try:
+            module.save_pretrained(directory, safe_serialization=True)
+        finally:
+            module.config.attention_dropout = training_dropout
+        AutoTokenizer.from_pretrained(self.model_path).save_pretrained(directory)
 
     def load_checkpoint(self, directory: str, tag: str = "latest") -> dict:
         """Restore DeepSpeed state saved by save_checkpoint; returns its client state."""
@@ -475,3 +500,66 @@ class Learner:
         self.phase_steps = int(client.get("phase_steps", 0))
         self.base_lr = float(client.get("base_lr", self.base_lr))
         return client
+
+
+# ---------------------------------------------------------------------- checkpoint files
+STEP_TAG = re.compile(r"step(\d+)")
+
+
+def _rmtree(path: Path) -> None:
+    """Delete a folder; one another rank (same shared disk) deleted first is not an error."""
+    def gone_already(func, p, exc_info):
+        if not issubclass(exc_info[0], FileNotFoundError):
+            raise exc_info[1]
+    shutil.rmtree(path, onerror=gone_already)
+
+
+def write_dir_atomically(final: Path, write) -> Path:
+    """write(folder) into `final`.tmp, then rename it to `final`. An existing `final` is renamed
+    aside first and deleted after, so `final` is either the old folder or the new one, never a
+    half-written one (a crash leaves at most a stale .tmp / .old, removed by the next call)."""
+    final = Path(final)
+    tmp, old = final.with_name(final.name + ".tmp"), final.with_name(final.name + ".old")
+    for stale in (tmp, old):
+        if stale.exists():
+            _rmtree(stale)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    write(tmp)
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    if old.exists():
+        _rmtree(old)
+    return final
+
+
+def point_link(link: Path, target: Path) -> None:
+    """Make `link` a symlink to `target` (relative to the link's folder), atomically: a new link
+    is renamed over the old one. A real folder there (an older layout) is deleted first."""
+    link = Path(link)
+    tmp = link.with_name(link.name + ".tmp")
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    os.symlink(target, tmp)
+    if link.is_dir() and not link.is_symlink():
+        _rmtree(link)
+    os.replace(tmp, link)
+
+
+def prune_checkpoints(directory: str | Path, keep: int, current: str) -> list[str]:
+    """Delete step<N> tag folders under `directory` except `current` and the `keep` - 1 newest
+    older ones; tags newer than `current` (left by a run that crashed before naming them in its
+    state) go too. Other names are never touched. Returns the deleted tags."""
+    if keep < 1:
+        raise ValueError(f"keep must be >= 1, got {keep}")
+    match = STEP_TAG.fullmatch(current)
+    if match is None:
+        raise ValueError(f"checkpoint tag {current!r} is not step<N>")
+    now = int(match.group(1))
+    tags = sorted(((int(m.group(1)), p) for p in Path(directory).iterdir()
+                   if p.is_dir() and not p.is_symlink() and (m := STEP_TAG.fullmatch(p.name))), reverse=True)
+    kept = [n for n, _ in tags if n <= now][:keep]
+    doomed = [p for n, p in tags if n not in kept]
+    for path in doomed:
+        _rmtree(path)
+    return [p.name for p in doomed]

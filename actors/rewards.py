@@ -4,17 +4,24 @@ Pure scoring functions (no Ray): `extract_answer`, `accuracy_reward`, `format_re
 `language_consistency`, `score_one` (the weighted sum). `score_batch` runs `score_one` in a
 pool of child processes with a per-item deadline: an item past its deadline has its process
 killed and replaced and comes back with status "timeout"; an exception comes back as "error".
-Neither is ever a silent 0: `RewardResult.reward` is None unless status == "ok".
+Neither is ever a silent 0: `RewardResult.reward` is None unless status == "ok". A child that
+dies on an item (e.g. killed for memory) is replaced and the item tried once more; only a second
+death is an "error". Children that keep dying at start-up raise `VerifierStartupError`, which
+names the likely cause (a script without an `if __name__ == "__main__":` guard, an import error).
 
 `RewardWorker` is the plain class the driver runs as Ray actors (one pool per actor).
 All string handling is linear-time (no backtracking regexes on model output).
 """
 from __future__ import annotations
 
+import ast
 import logging
 import multiprocessing as mp
 import os
+import pickle
 import re
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -224,8 +231,17 @@ def score_one(completion: str, reference: str, length: int | None = None, *,
 
 
 # ----------------------------------------------------------------------------- the pool
+READY = "ready"        # a child's first message: it started (imports done) and takes items
+STARTUP_DEATHS = 3     # children dying before READY, in a row, before the pool gives up
+
+
+class VerifierStartupError(RuntimeError):
+    """The verifier pool's child processes keep dying before they can score anything."""
+
+
 def _child_loop(conn) -> None:
     logging.getLogger("math_verify").setLevel(logging.ERROR)
+    conn.send(READY)
     while True:
         try:
             msg = conn.recv()
@@ -243,53 +259,132 @@ def _child_loop(conn) -> None:
         conn.send(res)
 
 
+def _importing_main_in_a_child() -> bool:
+    # multiprocessing sets this while a child process imports the parent's main script
+    # (multiprocessing.spawn._main); starting processes then fails.
+    return bool(getattr(mp.current_process(), "_inheriting", False))
+
+
+def _unguarded_main_message() -> str:
+    main = sys.modules.get("__mp_main__") or sys.modules.get("__main__")   # a child runs it as __mp_main__
+    script = getattr(main, "__file__", None) or "the main script"
+    return (f"the verifier pool was started while {script} was being imported by one of the pool's "
+            "child processes: verifier children (multiprocessing 'forkserver') import the main script "
+            "again, so a script that scores at its top level starts a pool in every child and each "
+            "child dies. Put the script's top-level code under `if __name__ == \"__main__\":`.")
+
+
+_DIAGNOSE = """
+import pickle, sys
+from multiprocessing import current_process, spawn
+data = pickle.load(sys.stdin.buffer)
+current_process()._inheriting = True   # as a child's start-up does (multiprocessing.spawn._main)
+try:
+    spawn.prepare(data)                # sys.path, working dir, the main script imported again
+    import actors.rewards              # what the child's target needs
+except BaseException as err:
+    print("CAUSE " + repr(f"{type(err).__name__}: {err}"), flush=True)
+"""
+
+
+def startup_cause(timeout_s: float = 60.0) -> str | None:
+    """Repeat a verifier child's start-up (import the main script as a child does, then this
+    module) in a fresh interpreter; the exception it raises as "Type: message", or None."""
+    from multiprocessing import spawn
+
+    data = spawn.get_preparation_data("verifier-start-up-check")
+    data.pop("authkey", None)   # not picklable outside a process start, and not needed here
+    try:
+        out = subprocess.run([sys.executable, "-c", _DIAGNOSE], input=pickle.dumps(data),
+                             capture_output=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return f"(the start-up check did not finish within {timeout_s:.0f} s)"
+    for line in out.stdout.decode(errors="replace").splitlines():
+        if line.startswith("CAUSE "):
+            return ast.literal_eval(line[len("CAUSE "):])
+    return None
+
+
 class VerifierPool:
     """`num_procs` child processes scoring items with a per-item deadline of `timeout_s`.
 
     An item still running at its deadline gets status "timeout"; its process (ours, by PID)
     is killed and a fresh one takes its place, so the rest of the batch never waits on it.
+    A child that dies on an item is replaced and the item sent once more (to the fresh
+    process); a second death is status "error". STARTUP_DEATHS children in a row that die
+    before they start taking items raise VerifierStartupError naming the likely cause.
     """
 
     def __init__(self, num_procs: int = 2, timeout_s: float = 5.0):
         if num_procs < 1 or timeout_s <= 0:
             raise ValueError("need num_procs >= 1 and timeout_s > 0")
+        if _importing_main_in_a_child():
+            raise RuntimeError(_unguarded_main_message())
         self.num_procs, self.timeout_s = num_procs, timeout_s
         # forkserver: children fork from a clean single-threaded server with math-verify
         # preloaded (fast to replace, safe inside a threaded Ray actor).
         self._ctx = mp.get_context("forkserver")
         self._ctx.set_forkserver_preload(["actors.rewards", "math_verify"])
         self._procs: list = [None] * num_procs
+        self._ready = [False] * num_procs
+        self._startup_exits: list = []   # exit codes of children that died before READY, in a row
         self.restarts = 0
+
+    def pids(self) -> list[int]:
+        """PIDs of the live child processes."""
+        return [entry[0].pid for entry in self._procs if entry is not None and entry[0].is_alive()]
 
     def _start(self, slot: int):
         parent, child = self._ctx.Pipe()
         proc = self._ctx.Process(target=_child_loop, args=(child,), daemon=True)
         proc.start()
         child.close()
-        self._procs[slot] = (proc, parent)
+        self._procs[slot], self._ready[slot] = (proc, parent), False
         return self._procs[slot]
 
-    def _kill(self, slot: int) -> None:
+    def _kill(self, slot: int):
+        """Stop the child of `slot`; returns its exit code."""
         proc, conn = self._procs[slot]
         proc.kill()
         proc.join(timeout=5)
         conn.close()
         self._procs[slot] = None
+        return proc.exitcode
+
+    def _startup_error(self) -> VerifierStartupError:
+        codes = self._startup_exits
+        cause = startup_cause()
+        if cause is None:
+            signals = [-c for c in codes if c is not None and c < 0]
+            cause = (f"killed by signal {signals[0]} (out of memory?)" if signals else
+                     "their start-up runs cleanly in a fresh process; see the children's traceback on stderr")
+        elif not cause.startswith("RuntimeError: the verifier pool was started while"):
+            cause = f"starting one fails with {cause}"
+        return VerifierStartupError(
+            f"{len(codes)} verifier child processes in a row died while starting, before scoring "
+            f"anything (exit codes {codes}): {cause}")
+
+    def _send(self, slot: int, item) -> None:
+        proc, conn = self._procs[slot] or self._start(slot)
+        if not proc.is_alive():      # died while idle: replace it
+            self._kill(slot)
+            proc, conn = self._start(slot)
+        try:
+            conn.send(item)
+        except OSError:              # already dead: map() sees the closed pipe and handles it
+            pass
 
     def map(self, items: list[tuple[tuple, dict]]) -> list[RewardResult]:
         """Score [(args, kwargs)] of score_one; results in input order, each within its deadline."""
         results: list[RewardResult | None] = [None] * len(items)
         pending = list(range(len(items)))[::-1]
         running: dict[int, tuple[int, float]] = {}  # slot -> (item, start time)
+        retried: set[int] = set()
         while pending or running:
             for slot in range(self.num_procs):
                 if slot not in running and pending:
-                    proc, conn = self._procs[slot] or self._start(slot)
-                    if not proc.is_alive():
-                        self._kill(slot)
-                        proc, conn = self._start(slot)
                     item = pending.pop()
-                    conn.send(items[item])
+                    self._send(slot, items[item])
                     running[slot] = (item, time.perf_counter())
             next_deadline = min(t0 for _, t0 in running.values()) + self.timeout_s
             ready = wait([self._procs[s][1] for s in running],
@@ -299,12 +394,15 @@ class VerifierPool:
                 conn = self._procs[slot][1]
                 if conn in ready:
                     try:
-                        results[item] = conn.recv()
+                        msg = conn.recv()
                     except (EOFError, OSError) as err:  # the child died (e.g. out of memory)
-                        results[item] = RewardResult(None, status="error", error=f"verifier died: {err!r}",
-                                                     seconds=time.perf_counter() - t0)
-                        self._kill(slot)
-                        self.restarts += 1
+                        del running[slot]
+                        self._died(slot, item, err, t0, results, pending, retried)
+                        continue
+                    if msg == READY:
+                        self._ready[slot], self._startup_exits = True, []
+                        continue
+                    results[item] = msg
                     del running[slot]
                 elif time.perf_counter() - t0 >= self.timeout_s:
                     results[item] = RewardResult(None, status="timeout", seconds=time.perf_counter() - t0,
@@ -313,6 +411,25 @@ class VerifierPool:
                     self.restarts += 1
                     del running[slot]
         return results  # type: ignore[return-value]
+
+    def _died(self, slot, item, err, t0, results, pending, retried) -> None:
+        """A child died with `item` in hand: retry the item once (not counting deaths at start-up)."""
+        started = self._ready[slot]
+        code = self._kill(slot)
+        self.restarts += 1
+        if not started:                  # not the item's fault: it goes again, its retry kept
+            self._startup_exits.append(code)
+            if len(self._startup_exits) >= STARTUP_DEATHS:
+                error = self._startup_error()
+                self.close()
+                raise error from None
+            pending.append(item)
+        elif item not in retried:
+            retried.add(item)
+            pending.append(item)
+        else:
+            results[item] = RewardResult(None, status="error", seconds=time.perf_counter() - t0,
+                                         error=f"verifier died twice on this item (exit code {code}): {err!r}")
 
     def close(self) -> None:
         """Stop the child processes this pool started."""

@@ -158,6 +158,9 @@ class RunConfig(_Section):
     output_dir: str = Field("runs/tiny", min_length=1)
     wandb_mode: Literal["offline", "online", "disabled"] = "offline"
     wandb_project: str = Field("r1ray", min_length=1)
+    keep_checkpoints: int = Field(
+        3, ge=1, description="Checkpoints (DeepSpeed state + HF export, checkpoints/step<N>/) kept on "
+        "disk: older ones are deleted once a newer one and state.json are written.")
 
 
 class DemoConfig(_Section):

@@ -48,6 +48,30 @@ def load_task(cfg: Config) -> tuple[list[dict], list[dict], list]:
     return train + general, held, skipped
 
 
+# ----------------------------------------------------------------------------- checkpoints
+def save_checkpoint(learner, ckpt_dir: Path, tag: str, state: dict, keep: int) -> None:
+    """One checkpoint of a run, in an order that a crash at any point leaves loadable:
+
+    1. every learner rank writes its DeepSpeed state under ckpt_dir/tag, rank 0 an HF export of
+       the same weights under ckpt_dir/tag/hf (into a temporary folder, then renamed);
+    2. state.json names the tag (written to state.json.tmp, then renamed): resume reads it;
+    3. ckpt_dir/hf, the export to load (and the next pipeline stage's model), is switched to
+       tag/hf (a symlink, replaced atomically); then all but the newest `keep` step tags are
+       deleted, each with its own export.
+    A crash in 1 leaves state.json and hf on the previous tag; in 3, an extra tag until the next one.
+    `learner` is the learner ActorGroup; `state` gets "tag".
+    """
+    learner.get(learner.call("save_checkpoint", str(ckpt_dir), tag, {"driver": state}))
+    state["tag"] = tag
+    tmp = ckpt_dir / "state.json.tmp"
+    with open(tmp, "w") as f:
+        f.write(json.dumps(state, indent=1))
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(ckpt_dir / "state.json")
+    learner.get(learner.call("publish_checkpoint", str(ckpt_dir), tag, keep))
+
+
 # ----------------------------------------------------------------------------- the run
 class Run:
     """Owns the actor groups and the state of one training run."""
@@ -150,13 +174,9 @@ class Run:
             raise ValueError(f"--resume: checkpoint state {path} is corrupt ({err})") from None
 
     def checkpoint(self) -> None:
-        """Learner state + HF export + driver state (step, version, counters); atomic pointer."""
-        tag = f"step{self.state['step']}"
-        self.learner.get(self.learner.call("save_checkpoint", str(self.ckpt_dir), tag, {"driver": self.state}))
-        self.state["tag"] = tag
-        tmp = self.ckpt_dir / "state.json.tmp"
-        tmp.write_text(json.dumps(self.state, indent=1))
-        tmp.replace(self.ckpt_dir / "state.json")
+        """Learner state + HF export + driver state (step, version, counters); see save_checkpoint."""
+        save_checkpoint(self.learner, self.ckpt_dir, f"step{self.state['step']}", self.state,
+                        keep=self.cfg.run.keep_checkpoints)
         self.logger.plot()
 
     # ---------------------------------------------------------------- weights

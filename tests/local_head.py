@@ -1,6 +1,8 @@
 """A real local Ray head for tests: `ray start --head --block` from the project's venv.
 
 It listens on free ports with its own temp dir, so it never touches another Ray on the machine.
+With `auth_token`, the head runs Ray's token authentication (RAY_AUTH_MODE=token, the token in
+RAY_AUTH_TOKEN) and this helper's own calls send it; without, authentication is off.
 Every process it spawns (GCS, raylet, dashboard, workers, fake autoscaled nodes) is recorded by
 PID while it runs, and only those PIDs are stopped at the end (nothing machine-wide).
 """
@@ -36,7 +38,8 @@ class LocalRayHead:
     autoscaler starts and stops extra raylets on this machine (Ray's "fake multi-node").
     """
 
-    def __init__(self, num_cpus: int = 4, autoscaling: dict | None = None, start_timeout_s: float = 120):
+    def __init__(self, num_cpus: int = 4, autoscaling: dict | None = None, start_timeout_s: float = 120,
+                 auth_token: str | None = None):
         self.num_cpus, self.autoscaling, self.start_timeout_s = num_cpus, autoscaling, start_timeout_s
         self.tmp = Path(tempfile.mkdtemp(prefix="r1h", dir="/tmp"))  # short: unix socket paths
         self.gcs_port, self.dashboard_port = _free_port(), _free_port()
@@ -44,8 +47,12 @@ class LocalRayHead:
         self.pids: set[int] = set()
         self.env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}",
                     "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
-        for k in ("RAY_ADDRESS", "RAY_JOB_ID"):
+        for k in ("RAY_ADDRESS", "RAY_JOB_ID", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
             self.env.pop(k, None)
+        self.headers = {}
+        if auth_token:
+            self.env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=auth_token)
+            self.headers = {"Authorization": f"Bearer {auth_token}"}
         self._stop = threading.Event()
 
     # ------------------------------------------------------------------ life cycle
@@ -87,7 +94,7 @@ class LocalRayHead:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"ray start exited {self.proc.returncode}: {self.start_log()[-2000:]}")
             try:
-                JobSubmissionClient(self.address).list_jobs()
+                JobSubmissionClient(self.address, headers=self.headers).list_jobs()
                 if self.nodes():
                     return
                 time.sleep(0.5)
@@ -145,9 +152,10 @@ class LocalRayHead:
     def start_log(self) -> str:
         return (self.tmp / "ray_start.log").read_text(errors="replace")
 
-    def submit(self, entrypoint: list[str], timeout_s: float,
-               working_dir: str | None = None) -> tuple[str, subprocess.CompletedProcess]:
+    def submit(self, entrypoint: list[str], timeout_s: float, working_dir: str | None = None,
+               env: dict | None = None) -> tuple[str, subprocess.CompletedProcess]:
         """`ray job submit` (blocking, tails the logs); returns (job id, the CLI's result).
+        env: the CLI's environment (default: the head's, with its token if any).
 
         The head's job agent registers a little after the dashboard answers; until then the
         submit is refused ("No available agent"), so that refusal is retried for up to a minute.
@@ -157,7 +165,7 @@ class LocalRayHead:
             job_id = f"r1ray_test_{int(time.time() * 1000)}"
             cmd = [str(VENV_BIN / "ray"), "job", "submit", "--address", self.address, "--submission-id", job_id,
                    *(["--working-dir", working_dir] if working_dir else []), "--", *entrypoint]
-            result = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=timeout_s, cwd=ROOT)
+            result = subprocess.run(cmd, env=env or self.env, capture_output=True, text=True, timeout=timeout_s, cwd=ROOT)
             if "No available agent" not in result.stderr + result.stdout or time.time() > deadline:
                 return job_id, result
             time.sleep(2)
@@ -166,14 +174,15 @@ class LocalRayHead:
         """(status, logs) of a submitted job."""
         from ray.job_submission import JobSubmissionClient
 
-        client = JobSubmissionClient(self.address)
+        client = JobSubmissionClient(self.address, headers=self.headers)
         return str(client.get_job_status(job_id).value), client.get_job_logs(job_id)
 
     def nodes(self) -> list[dict]:
         """Alive nodes as the dashboard's state API lists them."""
         import urllib.request
 
-        with urllib.request.urlopen(f"{self.address}/api/v0/nodes?limit=100", timeout=10) as r:
+        request = urllib.request.Request(f"{self.address}/api/v0/nodes?limit=100", headers=self.headers)
+        with urllib.request.urlopen(request, timeout=10) as r:
             data = json.load(r)
         return [n for n in data["data"]["result"]["result"] if n["state"] == "ALIVE"]
 

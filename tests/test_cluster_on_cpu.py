@@ -34,6 +34,17 @@ def test_cluster_yaml_installs_like_the_readme_and_starts_ray_from_the_venv():
         assert config[key] and all(".venv/bin/ray start" in c for c in config[key]), key
 
 
+def test_cluster_yaml_keeps_the_jobs_api_closed_to_strangers():
+    """The dashboard (and its jobs API, which runs arbitrary code) listens on the head's localhost
+    only, and every node runs Ray's token authentication with the token file copied to it."""
+    config = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    head = " ".join(config["head_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in head and "0.0.0.0" not in head
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        assert all("RAY_AUTH_MODE=token " in c for c in config[key] if "ray start" in c), key
+    assert config["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
+
+
 def test_a_broken_cluster_yaml_is_rejected():
     config = yaml.safe_load((ROOT / "cluster.yaml").read_text())
     config["head_node_type"] = "missing"

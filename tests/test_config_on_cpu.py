@@ -137,3 +137,10 @@ def test_every_field_rejects_a_bad_value_and_names_the_field(dotted, info):
         with pytest.raises(ConfigError) as e:
             build_config(_nest(dotted, bad(bound)))
         assert dotted in str(e.value) and "got" in str(e.value)
+
+
+def test_keep_checkpoints_is_at_least_one():
+    assert build_config({}).run.keep_checkpoints == 3
+    assert build_config({}, ["run.keep_checkpoints=2"]).run.keep_checkpoints == 2
+    with pytest.raises(ConfigError, match=r"run.keep_checkpoints: got 0: Input should be greater than or equal to 1"):
+        build_config({}, ["run.keep_checkpoints=0"])

@@ -178,7 +178,7 @@ def test_resume_nan_guard_sft_and_export(ray_session, tiny_model_path, tmp_path,
         group.kill()
     from transformers import AutoModelForCausalLM
 
-    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt" / "hf").eval()
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt" / "final" / "hf").eval()
     assert all(torch.equal(p, state[n]) for n, p in hf.named_parameters())
     seq = batch1["input_ids"][0]
     with torch.no_grad():

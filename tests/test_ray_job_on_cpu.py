@@ -37,6 +37,58 @@ def test_ray_job_submit_runs_r1ray_train_to_success(tmp_path):
     assert (out / "curves.png").stat().st_size > 0
 
 
+def test_the_jobs_api_refuses_a_submission_without_the_token(tmp_path):
+    """Token authentication (RAY_AUTH_MODE=token) on a real head: the jobs API runs arbitrary code
+    (ShadowRay, CVE-2023-48022), so a stranger's `ray job submit` (no token, or a wrong one) and a
+    bare POST to /api/jobs/ are refused and run nothing; with the token the job runs and its own
+    ray.init() joins the cluster."""
+    import os
+    import secrets
+    import urllib.error
+    import urllib.request
+
+    token = secrets.token_hex(32)
+    marker = tmp_path / "job_ran"
+    entry = ["python", "-c", "import ray; ray.init(); print('CPUs', ray.cluster_resources()['CPU']); "
+             f"open({str(marker)!r}, 'w').write('ran')"]
+    home = tmp_path / "home"      # a client without ~/.ray/auth_token
+    home.mkdir()
+    with LocalRayHead(num_cpus=1, auth_token=token) as head:
+        stranger = {k: v for k, v in head.env.items() if not k.startswith("RAY_AUTH")} | {"HOME": str(home)}
+        _, cli = head.submit(entry, timeout_s=120, env=stranger)
+        out = cli.stdout + cli.stderr
+        assert cli.returncode != 0 and "Unauthorized: Missing authentication token" in out, out[-2000:]
+        wrong = stranger | {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+        _, cli = head.submit(entry, timeout_s=120, env=wrong)
+        out = cli.stdout + cli.stderr
+        assert cli.returncode != 0 and "Invalid authentication token" in out, out[-2000:]
+        # the REST call an attacker would make, without the CLI
+        request = urllib.request.Request(f"{head.address}/api/jobs/", method="POST",
+                                         data=json.dumps({"entrypoint": "touch /tmp/pwned"}).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=30)
+        assert refused.value.code == 401
+        assert not marker.exists()
+
+        owner_home = tmp_path / "owner"       # the token where `ray get-auth-token --generate` puts it
+        (owner_home / ".ray").mkdir(parents=True)
+        (owner_home / ".ray" / "auth_token").write_text(token)
+        owner = stranger | {"RAY_AUTH_MODE": "token", "HOME": str(owner_home)}
+        job_id, cli = head.submit(entry, timeout_s=300, env=owner)
+        assert cli.returncode == 0, (cli.stdout[-3000:], cli.stderr[-3000:])
+        status, logs = head.job(job_id)
+        assert status == "SUCCEEDED" and "CPUs 1.0" in logs, (status, logs[-2000:])
+        from ray.job_submission import JobSubmissionClient
+
+        jobs = JobSubmissionClient(head.address, headers=head.headers).list_jobs()
+        assert [j.submission_id for j in jobs] == [job_id]     # the refused ones never existed
+        pids = set(head.pids)
+    assert marker.read_text() == "ran"
+    assert not [p for p in pids if _alive(p)], "processes of the test head outlived it"
+    assert os.environ.get("RAY_AUTH_TOKEN") != token      # the token never leaked into this process
+
+
 FAKE_CLUSTER = {
     "cluster_name": "r1ray-fake",
     "max_workers": 2,

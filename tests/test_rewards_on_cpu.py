@@ -237,3 +237,102 @@ def test_general_prompt_without_reference_gets_no_accuracy_component():
     assert "accuracy" not in general.components and general.reward == pytest.approx(0.5)
     checked = score_one(text, "Paris", weights={"accuracy": 1.0, "format": 0.5})
     assert checked.components["accuracy"] == 1.0 and checked.reward == pytest.approx(1.5)
+
+
+# ----------------------------------------------------------------------------- deaths and start-up
+SLOW = "<answer>" + "\\sqrt{" * 2000 + "2" + "}" * 2000 + "</answer>"   # math-verify: ~1-5 s here, then ok
+
+
+def _kill_children(pool, times: int, after_s: float = 0.5) -> list[int]:
+    """From a thread: `times` times, wait for a child process of `pool` that was not killed yet,
+    let it work `after_s`, SIGKILL it (our own child, by PID). Returns the PIDs killed."""
+    import os
+    import signal
+    import threading
+
+    killed: list[int] = []
+
+    def run():
+        deadline = time.time() + 60
+        while len(killed) < times and time.time() < deadline:
+            fresh = [p for p in pool.pids() if p not in killed]
+            if fresh:
+                time.sleep(after_s)
+                os.kill(fresh[0], signal.SIGKILL)
+                killed.append(fresh[0])
+            time.sleep(0.01)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return killed, thread
+
+
+def test_a_child_killed_mid_item_is_replaced_and_the_item_scored_ok():
+    pool = VerifierPool(num_procs=1, timeout_s=30.0)
+    try:
+        killed, thread = _kill_children(pool, times=1)
+        res = score_batch([SLOW, "<answer>5</answer>"], ["5", "5"], pool=pool)
+        thread.join(5)
+        assert len(killed) == 1 and killed[0] not in pool.pids()
+        assert [r.status for r in res] == ["ok", "ok"], res
+        assert res[0].reward is not None and res[1].reward == 1.0
+        assert pool.restarts == 1
+    finally:
+        pool.close()
+
+
+def test_a_second_death_on_the_same_item_is_an_explicit_error():
+    pool = VerifierPool(num_procs=1, timeout_s=30.0)
+    try:
+        killed, thread = _kill_children(pool, times=2)
+        res = score_batch([SLOW, "<answer>5</answer>"], ["5", "5"], pool=pool)
+        thread.join(5)
+        assert len(killed) == 2 and pool.restarts == 2
+        assert res[0].status == "error" and res[0].reward is None
+        assert "died twice" in res[0].error
+        assert res[1].status == "ok" and res[1].reward == 1.0   # the rest of the batch is unharmed
+    finally:
+        pool.close()
+
+
+UNGUARDED = """
+from actors.rewards import score_batch
+print(score_batch(["<answer>5</answer>"] * 4, ["5"] * 4))
+"""
+
+CHILD_IMPORT_FAILS = """
+import os
+# the parent imports cleanly; a verifier child, importing this script again, fails
+if os.environ.setdefault("PARENT_PID", str(os.getpid())) != str(os.getpid()):
+    raise ImportError("cannot import name 'kernel' from 'fastlib'")
+from actors.rewards import score_batch
+if __name__ == "__main__":
+    print(score_batch(["<answer>5</answer>"] * 4, ["5"] * 4))
+"""
+
+
+@pytest.mark.parametrize("script, cause", [
+    (UNGUARDED, 'Put the script\'s top-level code under `if __name__ == "__main__":`'),
+    (CHILD_IMPORT_FAILS, "starting one fails with ImportError: cannot import name 'kernel' from 'fastlib'"),
+], ids=["unguarded-main", "import-error-in-child"])
+def test_children_dying_at_start_up_raise_one_clear_error(tmp_path, script, cause):
+    import os
+    import subprocess
+    import sys
+
+    path = tmp_path / "score.py"
+    path.write_text(script)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("PARENT_PID", None)
+    t0 = time.perf_counter()
+    out = subprocess.run([sys.executable, str(path)], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=300)
+    wall = time.perf_counter() - t0
+    last = out.stderr.strip().splitlines()[-1]
+    print(f"{wall:.1f} s: {last}")
+    assert out.returncode != 0 and last.startswith("actors.rewards.VerifierStartupError: 3 verifier child "
+                                                   "processes in a row died while starting"), out.stderr[-3000:]
+    assert cause in last and "verifier died" not in out.stdout
+    if script is UNGUARDED:
+        assert str(path) in last
+    assert wall < 60   # seconds, not a restart per item (loose: shared CI cores)

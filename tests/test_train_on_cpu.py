@@ -37,6 +37,7 @@ def _run(cfg, resume=False):
 def uninterrupted(ray_session, tiny_model_path, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("train")
     cfg = _cfg(tmp, "full", tiny_model_path, steps=4)
+    cfg.run.keep_checkpoints = 1
     summary, history = _run(cfg)
     return cfg, summary, history
 
@@ -68,6 +69,11 @@ def test_run_logs_every_metric_on_one_step_counter(uninterrupted):
     assert (run_dir / "curves.png").stat().st_size > 1000
     assert (run_dir / "checkpoints" / "state.json").exists()
     assert json.loads((run_dir / "checkpoints" / "state.json").read_text())["step"] == 4
+    # checkpoints at steps 2 and 4, keep_checkpoints=1: step 2 is gone, hf is step 4's export
+    ckpt = run_dir / "checkpoints"
+    assert sorted(p.name for p in ckpt.iterdir() if p.name.startswith("step")) == ["step4"]
+    assert (ckpt / "hf").resolve() == (ckpt / "step4" / "hf").resolve()
+    assert (ckpt / "hf" / "model.safetensors").is_file() and (ckpt / "hf" / "tokenizer.json").is_file()
     assert all(r["async/staleness_max"] == 0 for r in train_rows)   # sync mode: always fresh
 
 
