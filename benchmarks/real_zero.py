@@ -5,11 +5,11 @@
 Each seed is one `r1ray train` of the recipe (its own process, its own local Ray) in
 runs/real_zero/seed<S>/. The recipe evaluates the held-out problems at the start and the end
 (train.eval_k samples per prompt at train.eval_temperature: pass@1 is the mean accuracy). While
-it runs, the RSS of the run's whole process tree (driver, Ray, the vLLM engine, the learner,
-the verifiers) is sampled every second; the peak is a sum of RSS, so shared pages count more
-than once (an upper bound). Prints one JSON object: per seed the before/after pass@1, format
+it runs, the memory of the run's whole process tree (driver, Ray, the vLLM engine, the learner,
+the verifiers) is sampled every second: the peak of the PSS sum (shared pages split between the
+processes that map them) and of the RSS sum (shared pages counted once per process). Prints one JSON object: per seed the before/after pass@1, format
 rate and mean length, the change in points, the wall time and its split into generate / score /
-learn / sync / the rest (start-up, evaluations, checkpoints), the peak RSS and the curves PNG.
+learn / sync / the rest (start-up, evaluations, checkpoints), the peak memory and the curves PNG.
 """
 from __future__ import annotations
 
@@ -30,15 +30,20 @@ PARTS = {"generate": "perf/generate_seconds", "score": "perf/score_seconds", "le
          "sync": "sync/seconds"}
 
 
-def tree_rss(proc: psutil.Process) -> int:
-    """Bytes of RSS of `proc` and all its descendants (0 for the ones that just ended)."""
-    total = 0
+def tree_memory(proc: psutil.Process) -> tuple[int, int]:
+    """(PSS, RSS) in bytes of `proc` and all its descendants (the ones that just ended count 0).
+
+    PSS splits each shared page between the processes that map it, so the sum is the tree's
+    real share of memory; the RSS sum counts shared pages (torch, the model files) once per process.
+    """
+    pss = rss = 0
     for p in [proc, *proc.children(recursive=True)]:
         try:
-            total += p.memory_info().rss
+            info = p.memory_full_info()
+            pss, rss = pss + info.pss, rss + info.rss
         except psutil.Error:
             pass
-    return total
+    return pss, rss
 
 
 def run_seed(config: str, seed: int, steps: int, out_dir: Path, timeout_s: float, overrides: list[str]) -> dict:
@@ -49,13 +54,12 @@ def run_seed(config: str, seed: int, steps: int, out_dir: Path, timeout_s: float
     log = (out_dir / f"seed{seed}.log").open("w")
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-    peak, watched = 0, psutil.Process(proc.pid)
+    peak, watched = [0, 0], psutil.Process(proc.pid)
 
     def sample():
-        nonlocal peak
         while proc.poll() is None:
             try:
-                peak = max(peak, tree_rss(watched))
+                peak[:] = [max(a, b) for a, b in zip(peak, tree_memory(watched))]
             except psutil.Error:
                 pass
             time.sleep(1.0)
@@ -76,7 +80,7 @@ def run_seed(config: str, seed: int, steps: int, out_dir: Path, timeout_s: float
     split = {part: round(sum(r.get(key, 0.0) for r in steps_rows), 1) for part, key in PARTS.items()}
     split["other"] = round(wall - sum(split.values()), 1)
     result = {"seed": seed, "rc": rc, "steps_done": len(steps_rows), "wall_s": round(wall, 1), "time_split_s": split,
-              "peak_rss_gb": round(peak / 1024**3, 2), "curves": str(run_dir / "curves.png"), "log": log.name}
+              "peak_pss_gb": round(peak[0] / 1024**3, 2), "peak_rss_sum_gb": round(peak[1] / 1024**3, 2), "curves": str(run_dir / "curves.png"), "log": log.name}
     if len(evals) >= 2 and rc == 0:
         first, last = evals[0], evals[-1]
         for name, row in (("before", first), ("after", last)):

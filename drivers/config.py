@@ -209,6 +209,8 @@ class PipelineConfig(_Section):
     distill_steps: int = Field(200, ge=1, description="SFT steps of the student (and of its no-teacher twin).")
     sft_batch_size: int = Field(32, ge=1)
     sft_lr: float = Field(1e-3, gt=0.0, le=1.0)
+    student_sft_lr: float | None = Field(None, gt=0.0, le=1.0, description="Distillation lr (None: sft_lr); "
+                                         "a random-init student needs a larger one than a pretrained teacher.")
     sft_warmup_steps: int = Field(10, ge=0)
     eval_k: int = Field(4, ge=1, description="Samples per held-out prompt in the stage table.")
 

@@ -106,7 +106,8 @@ class Pipeline:
         return {"model": str(self.out / stage / "checkpoints" / "hf"),
                 "train": {k: summary.get(k) for k in ("start", "end", "samples")}}
 
-    def _sft(self, stage: str, model: str, rows: list[dict], steps: int, name: str = "model") -> dict:
+    def _sft(self, stage: str, model: str, rows: list[dict], steps: int, name: str = "model",
+             lr: float | None = None) -> dict:
         from drivers.sft import run_sft
 
         p = self.cfg.pipeline
@@ -115,7 +116,7 @@ class Pipeline:
         epochs = steps * p.sft_batch_size / max(len(rows), 1)
         print(f"   SFT ({name}) from {model} on {len(rows)} rows", flush=True)
         summary = run_sft(model, str(data), str(self.out / stage / name), epochs=epochs,
-                          batch_size=p.sft_batch_size, lr=p.sft_lr, warmup_steps=p.sft_warmup_steps,
+                          batch_size=p.sft_batch_size, lr=lr or p.sft_lr, warmup_steps=p.sft_warmup_steps,
                           seed=self.cfg.seed, dtype=self.cfg.model.dtype, cpu_threads=self.cfg.learner.cpu_threads)
         return {"model": str(self.out / stage / name), "sft": summary}
 
@@ -144,7 +145,7 @@ class Pipeline:
                                                           "rollout": {**cfg.rollout.model_dump(), "temperature": 1.0}}))
         scorer = ray.remote(num_cpus=1)(RewardWorker).remote(
             timeout_s=cfg.reward.timeout_s, weights={"accuracy": 1.0, "format": 0.0, "language": 0.0},
-            layout="cold_start", target_language=cfg.reward.target_language)
+            layout="cold_start", target_language=cfg.reward.target_language, extraction=cfg.reward.extraction)
         try:
             rollouts = ray.get(worker.generate.remote([e["prompt"] for e in prompts], n=p.rejection_k, seed=cfg.seed))
             results = ray.get(scorer.score.remote([r.text for r in rollouts],
@@ -203,8 +204,8 @@ class Pipeline:
         samples = [json.loads(line) for line in samples_path.read_text().splitlines()]
         student = p.student_path or str(init_model(p.student_preset, self.out / "distill" / "student-init",
                                                    seed=self.cfg.seed))
-        distilled = self._sft("distill", student, samples, p.distill_steps, name="model")
-        baseline = self._sft("distill", student, self.demos(), p.distill_steps, name="no_teacher")
+        distilled = self._sft("distill", student, samples, p.distill_steps, name="model", lr=p.student_sft_lr)
+        baseline = self._sft("distill", student, self.demos(), p.distill_steps, name="no_teacher", lr=p.student_sft_lr)
         return {**distilled, "no_teacher_model": baseline["model"]}
 
     # ------------------------------------------------------------------ all
@@ -239,7 +240,7 @@ class Pipeline:
                 m = run_eval(model, str(self.out / "heldout.jsonl"), k=self.cfg.pipeline.eval_k,
                              max_tokens=self.cfg.rollout.max_tokens, max_model_len=self.cfg.rollout.max_model_len,
                              layout="cold_start" if name not in ("base", "zero") else "r1", seed=self.cfg.seed,
-                             cpu_threads=self.cfg.rollout.cpu_threads)
+                             cpu_threads=self.cfg.rollout.cpu_threads, extraction=self.cfg.reward.extraction)
                 cached.parent.mkdir(parents=True, exist_ok=True)
                 cached.write_text(json.dumps(m))
             table[name] = {k: m[k] for k in ("pass@1", f"cons@{self.cfg.pipeline.eval_k}", "format",
