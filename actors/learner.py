@@ -460,6 +460,7 @@ class Learner:
 
         if self.rank == 0:
             point_link(Path(directory) / "hf", Path(tag) / "hf")
+        dist.barrier()          # no rank deletes the tag `hf` pointed at before the link moved
         deleted = prune_checkpoints(directory, keep, tag) if keep else []
         dist.barrier()
         return deleted
@@ -515,11 +516,18 @@ def _rmtree(path: Path) -> None:
 
 
 def write_dir_atomically(final: Path, write) -> Path:
-    """write(folder) into `final`.tmp, then rename it to `final`. An existing `final` is renamed
-    aside first and deleted after, so `final` is either the old folder or the new one, never a
-    half-written one (a crash leaves at most a stale .tmp / .old, removed by the next call)."""
+    """write(folder) into `final`.tmp, then rename it to `final`. An existing `final` (an HF model
+    folder: anything else is refused, not deleted) is renamed aside first and deleted after, so
+    `final` is the old folder or the new one, never a half-written one. A process crash leaves
+    at most a stale .tmp (removed by the next call) or, between the two renames, only .old (put
+    back by the next call)."""
     final = Path(final)
     tmp, old = final.with_name(final.name + ".tmp"), final.with_name(final.name + ".old")
+    if old.exists() and not final.exists():
+        old.rename(final)
+    if final.is_dir() and any(final.iterdir()) and not (final / "config.json").exists():
+        raise FileExistsError(f"{final} holds files that are not an HF model folder: not replacing it "
+                              "(give an empty or new folder)")
     for stale in (tmp, old):
         if stale.exists():
             _rmtree(stale)

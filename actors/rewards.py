@@ -109,7 +109,7 @@ def answers_match(answer: str, reference: str) -> bool:
     return bool(gold and pred and verify(gold, pred, timeout_seconds=None))
 
 
-_LAST_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+_LAST_NUMBER = re.compile(r"(?<!\d)-?\d[\d,]*(?:\.\d+)?")   # "2-12": 12, not -12
 
 
 def last_number(text: str) -> str | None:
@@ -432,10 +432,11 @@ class VerifierPool:
                                          error=f"verifier died twice on this item (exit code {code}): {err!r}")
 
     def close(self) -> None:
-        """Stop the child processes this pool started."""
+        """Stop the child processes this pool started (a later map starts fresh ones)."""
         for slot, entry in enumerate(self._procs):
             if entry is not None:
                 self._kill(slot)
+        self._startup_exits = []
 
     def __del__(self):
         try:

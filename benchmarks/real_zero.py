@@ -9,7 +9,7 @@ it runs, the memory of the run's whole process tree (driver, Ray, the vLLM engin
 the verifiers) is sampled every second: the peak of the PSS sum (shared pages split between the
 processes that map them) and of the RSS sum (shared pages counted once per process). Prints one JSON object: per seed the before/after pass@1, format
 rate and mean length, the change in points, the wall time and its split into generate / score /
-learn / sync / the rest (start-up, evaluations, checkpoints), the peak memory and the curves PNG.
+learner / sync / the rest (start-up, evaluations, checkpoints), the peak memory and the curves PNG.
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ import psutil
 from outcome_margins import cpu_name   # benchmarks/ is the script's directory
 
 ROOT = Path(__file__).resolve().parents[1]
-PARTS = {"generate": "perf/generate_seconds", "score": "perf/score_seconds", "learn": "train/step_seconds",
+PARTS = {"generate": "perf/generate_seconds", "score": "perf/score_seconds", "learner": "train/step_seconds",
          "sync": "sync/seconds"}
 
 
@@ -47,7 +47,7 @@ def tree_memory(proc: psutil.Process) -> tuple[int, int]:
 
 
 def run_seed(config: str, seed: int, steps: int, out_dir: Path, timeout_s: float, overrides: list[str]) -> dict:
-    """One training run; its metrics from metrics.jsonl, wall time, time split and peak RSS."""
+    """One training run; its metrics from metrics.jsonl, wall time, time split and peak memory."""
     run_dir = out_dir / f"seed{seed}"
     cmd = [str(Path(sys.executable).parent / "r1ray"), "train", config, f"seed={seed}", f"train.steps={steps}",
            f"run.output_dir={run_dir}", *overrides]
@@ -70,7 +70,11 @@ def run_seed(config: str, seed: int, steps: int, out_dir: Path, timeout_s: float
         rc = proc.wait(timeout=timeout_s)
     except subprocess.TimeoutExpired:
         proc.terminate()        # our own child only; its Ray session ends with it
-        rc = proc.wait(timeout=60)
+        try:
+            rc = proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            rc = proc.wait()
     wall = time.perf_counter() - t0
     sampler.join(timeout=5)
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()] \
@@ -110,6 +114,9 @@ def main() -> None:
     cfg = load_config(ROOT / args.config, args.overrides)     # a bad config fails here, before any run
     steps = args.steps if args.steps is not None else cfg.train.steps
     out_dir = (ROOT / args.out_dir).resolve()
+    taken = [str(out_dir / f"seed{s}") for s in args.seeds if (out_dir / f"seed{s}").exists()]
+    if taken:
+        ap.error(f"earlier runs are in the way: {', '.join(taken)} (give another --out-dir or remove them)")
     out_dir.mkdir(parents=True, exist_ok=True)
     runs = []
     for seed in tqdm(args.seeds, desc="seeds", unit="run"):

@@ -150,6 +150,13 @@ class TrainConfig(_Section):
     async_eval: bool = Field(False, description="eval_every evaluations run on their own worker against a "
                              "saved checkpoint, never stalling training (logged when done, with eval/of_step).")
 
+    @model_validator(mode="after")
+    def _sampled_eval(self) -> "TrainConfig":
+        if self.eval_k > 1 and self.eval_temperature == 0:
+            raise ValueError(f"train.eval_k {self.eval_k} needs train.eval_temperature > 0 "
+                             "(greedy samples are all the same)")
+        return self
+
 
 class RunConfig(_Section):
     """Where outputs go and how the run is tracked."""

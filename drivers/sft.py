@@ -40,6 +40,10 @@ def run_sft(model: str, data: str, out: str, *, epochs: float = 2.0, batch_size:
     """
     if not 0.0 <= attention_dropout < 1.0:
         raise ValueError(f"attention_dropout must be in [0, 1), got {attention_dropout}")
+    target = Path(out)
+    if target.is_dir() and any(target.iterdir()) and not (target / "config.json").exists():
+        raise FileExistsError(f"--out {out} holds files that are not an HF model folder: the model is written "
+                              "there as a whole folder, so give an empty or new one")
     import ray
     import torch
     from tqdm import tqdm
@@ -76,7 +80,6 @@ def run_sft(model: str, data: str, out: str, *, epochs: float = 2.0, batch_size:
                 ({"input_ids": rows[i::num_ranks], "prompt_lens": plens[i::num_ranks]},) for i in range(num_ranks)]))[0]
             history.append(m["sft/nll"])
             bar.set_postfix(nll=f"{m['sft/nll']:.3f}")
-        Path(out).mkdir(parents=True, exist_ok=True)
         group.get(group.call("save_hf", str(Path(out).resolve())))
     finally:
         group.kill()

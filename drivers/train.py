@@ -151,6 +151,7 @@ class Run:
                                         env={"OMP_NUM_THREADS": str(cfg.rollout.cpu_threads or os.cpu_count() or 1)},
                                         kwargs_fn=lambda r, a, p: dict(
                                             model_path=self.model_path, **cfg.rollout.model_dump(), dtype=cfg.model.dtype,
+                                            eval_k=cfg.train.eval_k, eval_temperature=cfg.train.eval_temperature,
                                             reward=dict(timeout_s=cfg.reward.timeout_s, weights=cfg.reward.weights,
                                                         layout=cfg.reward.layout, extraction=cfg.reward.extraction,
                                                         target_language=cfg.reward.target_language)))

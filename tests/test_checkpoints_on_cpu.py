@@ -122,3 +122,33 @@ def test_prune_checkpoints_by_hand(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["final", "hf", "step10", "step9"]
     with pytest.raises(ValueError, match="keep must be >= 1"):
         prune_checkpoints(tmp_path, 0, "step10")
+
+
+def test_atomic_folder_write_by_hand(tmp_path):
+    from actors.learner import write_dir_atomically
+
+    def model(text):
+        def write(folder):
+            folder.mkdir()
+            (folder / "config.json").write_text(text)
+        return write
+
+    final = tmp_path / "hf"
+    write_dir_atomically(final, model("v1"))
+    write_dir_atomically(final, model("v2"))
+    assert (final / "config.json").read_text() == "v2" and sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+    # a crash between the two renames left only hf.old (the complete previous model): put back
+    final.rename(tmp_path / "hf.old")
+
+    def crash(folder):
+        raise OSError("disk full")
+    with pytest.raises(OSError, match="disk full"):
+        write_dir_atomically(final, crash)
+    assert (final / "config.json").read_text() == "v2"
+    # a folder of the user's files is refused, not replaced
+    data = tmp_path / "work"
+    data.mkdir()
+    (data / "sft.jsonl").write_text("{}\n")
+    with pytest.raises(FileExistsError, match="not an HF model folder"):
+        write_dir_atomically(data, model("v1"))
+    assert (data / "sft.jsonl").read_text() == "{}\n" and not (data / "config.json").exists()

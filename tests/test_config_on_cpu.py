@@ -60,6 +60,10 @@ def test_cross_field_check_and_every_error_reported():
     assert build_config({"task": {"general_path": "g.jsonl"}, "judge": {"enabled": True, "reward_weight": 0.5}})
     with pytest.raises(ConfigError, match="empty operand range: a 13..12"):
         build_config({"task": {"a_min": 13, "a_max": 12}})
+    with pytest.raises(ConfigError, match="empty operand range: a 0..99, b 10..9"):
+        build_config({"task": {"b_min": 10, "b_max": 9}})
+    with pytest.raises(ConfigError, match="eval_k 4 needs train.eval_temperature > 0"):
+        build_config({"train": {"eval_k": 4}})
 
 
 def test_bad_files_and_overrides(tmp_path):

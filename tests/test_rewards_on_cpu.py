@@ -63,6 +63,7 @@ def test_accuracy_reward(completion, reference, expect):
     ("3 * 8 is 24, not 25", "25"),                  # the last one, even when it is wrong
     ("The total is 1,000, so", "1,000"),            # thousands separator kept, trailing comma not
     ("it drops to -3.5 degrees", "-3.5"),
+    ("pages 2-12", "12"),                           # a range's hyphen is not a minus sign
     ("no digits here", None),
     ("", None),
 ])
