@@ -61,8 +61,8 @@ def save_checkpoint(learner, ckpt_dir: Path, tag: str, state: dict, keep: int) -
     A crash in 1 leaves state.json and hf on the previous tag; in 3, an extra tag until the next one.
     `learner` is the learner ActorGroup; `state` gets "tag".
     """
+    state["tag"] = tag          # the learner's client state names its own tag
     learner.get(learner.call("save_checkpoint", str(ckpt_dir), tag, {"driver": state}))
-    state["tag"] = tag
     tmp = ckpt_dir / "state.json.tmp"
     with open(tmp, "w") as f:
         f.write(json.dumps(state, indent=1))

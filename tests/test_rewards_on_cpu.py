@@ -244,9 +244,9 @@ def test_general_prompt_without_reference_gets_no_accuracy_component():
 SLOW = "<answer>" + "\\sqrt{" * 2000 + "2" + "}" * 2000 + "</answer>"   # math-verify: ~1-5 s here, then ok
 
 
-def _kill_children(pool, times: int, after_s: float = 0.5) -> list[int]:
+def _kill_children(pool, times: int, after_s: float = 0.5) -> tuple[list[int], object]:
     """From a thread: `times` times, wait for a child process of `pool` that was not killed yet,
-    let it work `after_s`, SIGKILL it (our own child, by PID). Returns the PIDs killed."""
+    let it work `after_s`, SIGKILL it (our own child, by PID). Returns (the PIDs killed, so far; the thread)."""
     import os
     import signal
     import threading
