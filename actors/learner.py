@@ -515,6 +515,13 @@ def _rmtree(path: Path) -> None:
     shutil.rmtree(path, onerror=gone_already)
 
 
+def holds_other_files(folder: Path) -> bool:
+    """True when `folder` is a non-empty directory that is not an HF model folder (no config.json):
+    a model is never written over it."""
+    folder = Path(folder)
+    return folder.is_dir() and any(folder.iterdir()) and not (folder / "config.json").exists()
+
+
 def write_dir_atomically(final: Path, write) -> Path:
     """write(folder) into `final`.tmp, then rename it to `final`. An existing `final` (an HF model
     folder: anything else is refused, not deleted) is renamed aside first and deleted after, so
@@ -525,7 +532,7 @@ def write_dir_atomically(final: Path, write) -> Path:
     tmp, old = final.with_name(final.name + ".tmp"), final.with_name(final.name + ".old")
     if old.exists() and not final.exists():
         old.rename(final)
-    if final.is_dir() and any(final.iterdir()) and not (final / "config.json").exists():
+    if holds_other_files(final):
         raise FileExistsError(f"{final} holds files that are not an HF model folder: not replacing it "
                               "(give an empty or new folder)")
     for stale in (tmp, old):

@@ -40,8 +40,9 @@ def run_sft(model: str, data: str, out: str, *, epochs: float = 2.0, batch_size:
     """
     if not 0.0 <= attention_dropout < 1.0:
         raise ValueError(f"attention_dropout must be in [0, 1), got {attention_dropout}")
-    target = Path(out)
-    if target.is_dir() and any(target.iterdir()) and not (target / "config.json").exists():
+    from actors.learner import holds_other_files
+
+    if holds_other_files(Path(out)):
         raise FileExistsError(f"--out {out} holds files that are not an HF model folder: the model is written "
                               "there as a whole folder, so give an empty or new one")
     import ray

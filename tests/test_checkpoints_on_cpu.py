@@ -152,3 +152,8 @@ def test_atomic_folder_write_by_hand(tmp_path):
     with pytest.raises(FileExistsError, match="not an HF model folder"):
         write_dir_atomically(data, model("v1"))
     assert (data / "sft.jsonl").read_text() == "{}\n" and not (data / "config.json").exists()
+    from drivers.sft import run_sft
+
+    with pytest.raises(FileExistsError, match="not an HF model folder"):   # before anything starts
+        run_sft("no-model", str(data / "sft.jsonl"), str(data))
+    assert sorted(p.name for p in data.iterdir()) == ["sft.jsonl"]
