@@ -157,15 +157,17 @@ class JudgeWorker:
 
     def __init__(self, model_path: str, *, dtype: str = "float32", max_tokens: int = 32, frac: float = 2 / 3,
                  lam: float = 1.0, layers: str | list[int] = "all", unit: str = "word", max_model_len: int = 1024,
-                 kv_cache_gib: int = 1, cpu_threads: int = 0, **_ignored):
+                 kv_cache_gib: int = 1, cpu_threads: int = 0):
         from transformers import AutoModelForCausalLM
 
         from actors.rollout import RolloutWorker
+        from drivers.config import RolloutConfig
 
         if cpu_threads:
             torch.set_num_threads(cpu_threads)
-        self.engine = RolloutWorker(model_path, dtype=dtype, temperature=0.0, max_tokens=max_tokens,
-                                    max_model_len=max_model_len, kv_cache_gib=kv_cache_gib)
+        self.engine = RolloutWorker(model_path, RolloutConfig(temperature=0.0, max_tokens=max_tokens,
+                                                              max_model_len=max_model_len, kv_cache_gib=kv_cache_gib),
+                                    dtype=dtype)
         self.tokenizer = self.engine.tokenizer
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype),
                                                           attn_implementation="eager").eval()

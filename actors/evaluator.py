@@ -22,11 +22,13 @@ def eval_metrics(rollouts: list, results: list, n_prompts: int) -> dict:
 class CheckpointEvaluator:
     """A rollout engine plus a verifier pool, in one actor, for evaluating saved checkpoints."""
 
-    def __init__(self, model_path: str, *, reward: dict, eval_k: int = 1, eval_temperature: float = 0.0, **rollout):
+    def __init__(self, model_path: str, rollout, *, dtype: str, reward: dict, eval_k: int = 1,
+                 eval_temperature: float = 0.0):
+        """rollout: the config's rollout section; reward: RewardWorker's scoring keywords."""
         from actors.rewards import VerifierPool
         from actors.rollout import RolloutWorker
 
-        self.worker = RolloutWorker(model_path, **rollout)
+        self.worker = RolloutWorker(model_path, rollout, dtype=dtype)
         self.pool = VerifierPool(num_procs=1, timeout_s=reward.pop("timeout_s", 5.0))
         self.reward = reward
         self.sampling = dict(n=eval_k, temperature=eval_temperature)

@@ -3,11 +3,14 @@
 A plain class; the driver places N of them as Ray actors (one per rank) and calls every
 method on all ranks at once (the collectives need all of them). gloo on CPU, NCCL on GPU.
 
-Batches are plain dicts of lists (one row per sequence), split across ranks by the driver:
-    input_ids      prompt + completion token ids
-    prompt_lens    number of prompt tokens of each row
-    advantages     one float per row                         (GRPO)
-    behavior_logp  the rollout engine's logprob per completion token (GRPO)
+Batches are dicts of lists (one row per sequence; `actors.batch.Batch.as_dict()` for GRPO),
+split across ranks by the driver:
+    input_ids        prompt + completion token ids
+    prompt_lens      number of prompt tokens of each row
+    advantages       one float per row                                 (GRPO)
+    behavior_logp    the rollout engine's logprob per completion token (GRPO)
+    group_ids        the row's group (its prompt) in the run            (GRPO)
+    policy_versions  the weights version that sampled the row          (GRPO)
 Losses are normalised over the *global* batch (all ranks, all micro-batches), so the update
 equals one full-batch step of `actors.grpo.grpo_loss` whatever the micro-batching.
 
@@ -55,19 +58,23 @@ def pack_micro_batches(lengths: list[int], token_budget: int) -> list[list[int]]
 PAD_ROW = {"input_ids": [[0, 0, 0]], "prompt_lens": [2]}
 
 
-def pack_prompt_groups(input_ids: list[list[int]], prompt_lens: list[int], token_budget: int) -> list[list[int]]:
+def pack_prompt_groups(input_ids: list[list[int]], prompt_lens: list[int], token_budget: int,
+                       group_ids: list[int] | None = None) -> list[list[int]]:
     """Micro-batches of rows that share one prompt, for the shared-prefix forward.
 
-    Rows are grouped by prompt (first appearance order); a group costs its prompt once plus
+    Rows are grouped by group id (GRPO rows of one group share their prompt; without ids, by
+    the prompt's tokens), in first appearance order; a group costs its prompt once plus
     rows * (longest completion + 1) padded tokens and is split when that exceeds the budget.
     """
-    groups: dict[tuple, list[int]] = {}
-    for i, (ids, p) in enumerate(zip(input_ids, prompt_lens)):
-        groups.setdefault(tuple(ids[:p]), []).append(i)
+    keys = group_ids if group_ids is not None else [tuple(ids[:p]) for ids, p in zip(input_ids, prompt_lens)]
+    groups: dict = {}
+    for i, key in enumerate(keys):
+        groups.setdefault(key, []).append(i)
     batches = []
-    for prompt, rows in groups.items():
-        budget = max(token_budget - (len(prompt) - 1), 1)
-        lengths = [len(input_ids[i]) - len(prompt) + 1 for i in rows]
+    for rows in groups.values():
+        plen = prompt_lens[rows[0]]
+        budget = max(token_budget - (plen - 1), 1)
+        lengths = [len(input_ids[i]) - plen + 1 for i in rows]
         batches += [[rows[j] for j in part] for part in pack_micro_batches(lengths, budget)]
     return batches
 
@@ -200,9 +207,11 @@ class Learner:
         ready, and that order differs between the two forwards."""
         want = share and self.share_prefix
         if want:     # the ranks agree on sharing first
-            groups = pack_prompt_groups(batch["input_ids"], batch["prompt_lens"], self.micro_batch_tokens)
-            ok = all(self._one_prompt(batch, idx) for idx in groups)
-            prompts = len({tuple(x[:p]) for x, p in zip(batch["input_ids"], batch["prompt_lens"])})
+            ids = batch.get("group_ids")
+            groups = pack_prompt_groups(batch["input_ids"], batch["prompt_lens"], self.micro_batch_tokens, ids)
+            ok = all(self._one_prompt(batch, idx) for idx in groups)   # a group id names one prompt
+            prompts = len(set(ids) if ids is not None else
+                          {tuple(x[:p]) for x, p in zip(batch["input_ids"], batch["prompt_lens"])})
             not_ok, rows, prompts = self._all_reduce([0.0 if ok else 1.0, len(batch["input_ids"]), prompts])
             want = not not_ok and rows >= 2 * prompts
         local = groups if want else pack_micro_batches([len(x) for x in batch["input_ids"]], self.micro_batch_tokens)

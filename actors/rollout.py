@@ -10,7 +10,7 @@ Weight updates run on the engine thread at a sync point: in-flight requests eith
 "abort" so the driver can re-queue the prompts). Every rollout carries the policy version of
 the weights that produced all of its tokens.
 
-    worker = RolloutWorker(model_path, temperature=1.0, max_tokens=64)
+    worker = RolloutWorker(model_path, RolloutConfig(temperature=1.0, max_tokens=64))
     rollouts = worker.generate(["What is 2 + 3?"], n=4)
     worker.update_weights(ObjectStoreTransport.publish(export_state(model)), version=1)
 """
@@ -23,6 +23,10 @@ import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from drivers.config import RolloutConfig
 
 
 @dataclass
@@ -63,26 +67,27 @@ class _Request:
 class RolloutWorker:
     """Owns one vLLM engine and the thread that steps it; tracks the policy version."""
 
-    def __init__(self, model_path: str, *, dtype: str = "float32", max_model_len: int = 1024,
-                 temperature: float = 1.0, top_p: float = 1.0, max_tokens: int = 64,
-                 seed: int = 0, enforce_eager: bool = True, tensor_parallel_size: int = 1,
-                 gpu_memory_utilization: float = 0.5, kv_cache_gib: int = 1, **_ignored):
-        _engine_env(kv_cache_gib)
+    def __init__(self, model_path: str, rollout: "RolloutConfig | None" = None, *, dtype: str = "float32"):
+        """rollout: the config's rollout section (engine and sampling settings; None: its defaults)."""
+        from drivers.config import RolloutConfig
+
+        r = rollout if rollout is not None else RolloutConfig()
+        _engine_env(r.kv_cache_gib)
         import torch
         from vllm import LLM
 
         t0 = time.perf_counter()
-        kwargs = dict(model=str(model_path), dtype=dtype, seed=seed, max_model_len=max_model_len,
-                      enforce_eager=enforce_eager, tensor_parallel_size=tensor_parallel_size,
+        kwargs = dict(model=str(model_path), dtype=dtype, seed=r.seed, max_model_len=r.max_model_len,
+                      enforce_eager=r.enforce_eager, tensor_parallel_size=r.tensor_parallel_size,
                       logprobs_mode="processed_logprobs",  # logprobs of the distribution sampled
                       worker_extension_cls="actors.vllm_ext.WeightSyncExtension",
                       # per-request seeds (reproducible, order-independent sampling) crash with
                       # chunked prefill on CPU ("CPU Generator does not use offset"): turn it off
                       enable_chunked_prefill=False,
-                      max_num_batched_tokens=max(8192, max_model_len))
+                      max_num_batched_tokens=max(8192, r.max_model_len))
         if torch.cuda.is_available():
-            kwargs["gpu_memory_utilization"] = gpu_memory_utilization
-        self.defaults = dict(temperature=temperature, top_p=top_p, max_tokens=max_tokens)
+            kwargs["gpu_memory_utilization"] = r.gpu_memory_utilization
+        self.defaults = dict(temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_tokens)
         self.policy_version = 0
         self.sync_seconds: list[float] = []
         self._ids = itertools.count()
@@ -206,13 +211,13 @@ class RolloutWorker:
         return [prompt_ids(self.tokenizer, p) for p in prompts]
 
     def generate(self, prompts: list[str], n: int = 1, *, chat: bool = True,
-                 seed: int | None = None, prompt_ids: list[list[int]] | None = None,
-                 **sampling) -> list[Rollout]:
+                 seed: int | None = None, seeds: list[int] | None = None,
+                 prompt_ids: list[list[int]] | None = None, **sampling) -> list[Rollout]:
         """Sample `n` completions per prompt; returns len(prompts) * n Rollouts grouped by prompt.
 
         sampling: temperature, top_p, max_tokens (defaults from the constructor) and any other
         vLLM SamplingParams field. seed: prompt i samples with seed + i (the same weights and
-        seed give the same samples, whatever else is in the batch). chat=False sends the prompt
+        seed give the same samples, whatever else is in the batch); seeds: one seed per prompt. chat=False sends the prompt
         text as is; prompt_ids (one token list per prompt) are sent as given instead. Safe to call
         from several threads at once: requests join one running batch.
         """
@@ -228,12 +233,20 @@ class RolloutWorker:
         params = []
         for i in range(len(prompts)):
             # keep <think>/<answer> in the text: the verifiers read them
-            p = SamplingParams(n=n, logprobs=0, seed=None if seed is None else seed + i,
+            seed_i = seeds[i] if seeds is not None else None if seed is None else seed + i
+            p = SamplingParams(n=n, logprobs=0, seed=seed_i,
                                **{"skip_special_tokens": False, **self.defaults, **sampling})
             p.output_kind = RequestOutputKind.FINAL_ONLY
             params.append(p)
         reqs = self._submit(ids, params, prompts)
         return [r for req in reqs for r in self._to_rollouts(req, req.future.result())]
+
+    def generate_groups(self, prompts: list[str], n: int = 1, **kwargs) -> list[list[Rollout]]:
+        """generate(), one list per prompt: its n rollouts (one "abort" rollout if a sync cut it)."""
+        groups: list[list[Rollout]] = [[] for _ in prompts]
+        for r in self.generate(prompts, n, **kwargs):
+            groups[r.prompt_index].append(r)
+        return groups
 
     def sequence_logprobs(self, sequences: list[list[int]]) -> list[list[float]]:
         """Logprob of every token after the first of each token sequence (teacher forcing).
@@ -308,9 +321,13 @@ class RolloutWorker:
         return len(self._in_flight)
 
     def info(self) -> dict:
-        """Engine facts for logs: init seconds, policy version, pid, last sync seconds."""
+        """Engine facts for logs: init seconds, policy version, pid, Ray node, last sync seconds."""
+        import ray
+
+        node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
         return {"init_seconds": round(self.init_seconds, 2), "policy_version": self.policy_version,
-                "pid": os.getpid(), "last_sync_s": self.sync_seconds[-1] if self.sync_seconds else None}
+                "pid": os.getpid(), "node_id": node,
+                "last_sync_s": self.sync_seconds[-1] if self.sync_seconds else None}
 
     def close(self) -> None:
         """Stop the engine thread (in-flight requests are aborted)."""

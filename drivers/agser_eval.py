@@ -151,7 +151,7 @@ def run_agser_eval(model: str, data: str, *, n_samples: int = 20, max_tokens: in
     import ray
 
     from actors.agser import JudgeWorker, roc_auc
-    from drivers.ray_utils import init_ray
+    from drivers.ray_utils import ActorGroup, init_ray
 
     if not 0 < frac < 1:
         raise ValueError(f"frac must be in (0, 1), got {frac}")
@@ -162,8 +162,9 @@ def run_agser_eval(model: str, data: str, *, n_samples: int = 20, max_tokens: in
         raise ValueError(f"{data}: no usable rows ({len(skipped)} skipped)")
     t0 = time.perf_counter()
     init_ray()
-    judge = ray.remote(num_cpus=1)(JudgeWorker).remote(model, dtype=dtype, max_tokens=max_tokens,
-                                                       layers=layers, frac=frac, unit=unit)
+    judges = ActorGroup(JudgeWorker, 1, name="judge", kwargs_fn=lambda r, a, p: dict(
+        model_path=model, dtype=dtype, max_tokens=max_tokens, layers=layers, frac=frac, unit=unit))
+    judge = judges.actors[0]
     try:
         questions = [r["question"] for r in rows]
         t1 = time.perf_counter()
@@ -173,7 +174,7 @@ def run_agser_eval(model: str, data: str, *, n_samples: int = 20, max_tokens: in
         baseline = ray.get(judge.self_consistency.remote(questions, n=n_samples, seed=seed))
         base_calls, base_s = ray.get(judge.reset_calls.remote()), time.perf_counter() - t1
     finally:
-        ray.kill(judge)
+        judges.kill()
     labels = [int(matches(a["answer"], r["answers"])) for a, r in zip(agser, rows)]
     n = len(rows)
     out = {"rows": n, "skipped": len(skipped), "correct": sum(labels), "hallucinated": n - sum(labels)}

@@ -39,7 +39,10 @@ class ModelConfig(_Section):
 class RolloutConfig(_Section):
     """vLLM rollout workers and their sampling parameters."""
 
-    num_workers: int = Field(1, ge=1, le=1024, description="Number of RolloutWorker actors.")
+    num_workers: int = Field(1, ge=1, le=1024, description="RolloutWorker actors started, and the pool's minimum.")
+    max_workers: int = Field(
+        0, ge=0, le=1024, description="Elastic pool: more workers, up to this many, whenever the cluster has room "
+        "(a node added by hand or by the autoscaler); they leave with their node. 0: fixed at num_workers.")
     group_size: int = Field(4, ge=1, le=1024, description="G: samples per prompt.")
     temperature: float = Field(1.0, ge=0.0, le=10.0, description="0 is greedy.")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
@@ -53,6 +56,14 @@ class RolloutConfig(_Section):
         0, ge=0, le=1024, description="CPU only: OpenMP threads of each engine (0: all cores). "
         "Ray would otherwise pin a 1-CPU actor to one thread (~30% slower on 2 cores).")
     seed: int = Field(0, ge=0, description="Engine seed (per-request seeds break chunked prefill on CPU).")
+
+
+    @model_validator(mode="after")
+    def _pool_bounds(self) -> "RolloutConfig":
+        if self.max_workers and self.max_workers < self.num_workers:
+            raise ValueError(f"rollout.max_workers ({self.max_workers}) must be 0 (a fixed pool) or at least "
+                             f"rollout.num_workers ({self.num_workers})")
+        return self
 
 
 class RewardConfig(_Section):

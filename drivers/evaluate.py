@@ -73,7 +73,7 @@ def run_eval(model: str, data: str, *, k: int = 8, temperature: float = 0.6, top
 
     from actors.rewards import RewardWorker, final_answer
     from drivers.config import build_config
-    from drivers.ray_utils import init_ray, rollout_worker_actor
+    from drivers.ray_utils import ActorGroup, init_ray, rollout_worker_actor
     from drivers.tasks import load_jsonl
 
     dataset = load_jsonl(data)
@@ -93,16 +93,16 @@ def run_eval(model: str, data: str, *, k: int = 8, temperature: float = 0.6, top
         "temperature": temperature, "top_p": top_p, "max_tokens": max_tokens, "max_model_len": max_model_len,
         "cpu_threads": cpu_threads}})
     worker = rollout_worker_actor(model, cfg)
-    scorer = ray.remote(num_cpus=1)(RewardWorker).remote(timeout_s=verifier_timeout_s, layout=layout,
-                                                          target_language=target_language, extraction=extraction,
-                                                          weights={"accuracy": 1.0, "format": 0.0, "language": 0.0})
+    scorers = ActorGroup(RewardWorker, 1, name="reward", kwargs_fn=lambda r, a, p: dict(
+        timeout_s=verifier_timeout_s, layout=layout, target_language=target_language, extraction=extraction,
+        weights={"accuracy": 1.0, "format": 0.0, "language": 0.0}))
     try:
         rollouts = ray.get(worker.generate.remote([e["prompt"] for e in examples], n=k, seed=seed))
-        results = ray.get(scorer.score.remote([r.text for r in rollouts],
-                                              [examples[r.prompt_index]["answer"] for r in rollouts]))
+        results = ray.get(scorers.actors[0].score.remote([r.text for r in rollouts],
+                                                         [examples[r.prompt_index]["answer"] for r in rollouts]))
     finally:
         ray.kill(worker)
-        ray.kill(scorer)
+        scorers.kill()
     per_prompt = [[] for _ in examples]
     for r, res in zip(rollouts, results):
         per_prompt[r.prompt_index].append({

@@ -136,23 +136,23 @@ class Pipeline:
 
         from actors.rewards import RewardWorker
         from drivers.config import build_config
-        from drivers.ray_utils import init_ray, rollout_worker_actor
+        from drivers.ray_utils import ActorGroup, init_ray, rollout_worker_actor
 
         p, cfg = self.cfg.pipeline, self.cfg
         prompts = self.train_set[:p.rejection_prompts]
         init_ray()
         worker = rollout_worker_actor(prev, build_config({**cfg.model_dump(include={"model", "rollout"}),
                                                           "rollout": {**cfg.rollout.model_dump(), "temperature": 1.0}}))
-        scorer = ray.remote(num_cpus=1)(RewardWorker).remote(
+        scorers = ActorGroup(RewardWorker, 1, name="reward", kwargs_fn=lambda r, a, port: dict(
             timeout_s=cfg.reward.timeout_s, weights={"accuracy": 1.0, "format": 0.0, "language": 0.0},
-            layout="cold_start", target_language=cfg.reward.target_language, extraction=cfg.reward.extraction)
+            layout="cold_start", target_language=cfg.reward.target_language, extraction=cfg.reward.extraction))
         try:
             rollouts = ray.get(worker.generate.remote([e["prompt"] for e in prompts], n=p.rejection_k, seed=cfg.seed))
-            results = ray.get(scorer.score.remote([r.text for r in rollouts],
-                                                  [prompts[r.prompt_index]["answer"] for r in rollouts]))
+            results = ray.get(scorers.actors[0].score.remote([r.text for r in rollouts],
+                                                             [prompts[r.prompt_index]["answer"] for r in rollouts]))
         finally:
             ray.kill(worker)
-            ray.kill(scorer)
+            scorers.kill()
         stats = {"sampled": len(rollouts), "duplicate": 0}
         kept, seen = [], set()
         for r, res in zip(rollouts, results):

@@ -78,20 +78,37 @@ def check_ray_address(address: str, timeout_s: float = 5.0) -> None:
             "(or fix the address) to join a cluster; unset RAY_ADDRESS to run on a local Ray.") from e
 
 
-def rollout_worker_actor(model_path: str, cfg):
-    """Start one RolloutWorker as a Ray actor from a Config and wait until its engine is up."""
-    import ray
+def rollout_resources(cfg) -> dict:
+    """A rollout worker's Ray options from a Config: 1 logical CPU, tensor_parallel_size GPUs on
+    GPU machines, its engine's OpenMP threads, and a threaded actor (concurrent generate() calls
+    share one continuously batched engine)."""
     import torch
-
-    from actors.rollout import RolloutWorker
 
     gpus = cfg.rollout.tensor_parallel_size if torch.cuda.is_available() else 0
     threads = cfg.rollout.cpu_threads or os.cpu_count() or 1
-    # threaded actor: concurrent generate() calls share one continuously batched engine
-    actor_cls = ray.remote(num_cpus=1, num_gpus=gpus, max_concurrency=16)(RolloutWorker).options(
-        runtime_env={"env_vars": {**WORKER_ENV, "OMP_NUM_THREADS": str(threads)}})
-    worker = actor_cls.remote(model_path, dtype=cfg.model.dtype, **cfg.rollout.model_dump())
-    ray.get(worker.info.remote())  # surfaces engine start-up errors here
+    return dict(num_cpus=1, num_gpus=gpus, max_concurrency=16, env={"OMP_NUM_THREADS": str(threads)})
+
+
+def _rollout_kwargs(model_path: str, cfg) -> dict:
+    return dict(model_path=model_path, rollout=cfg.rollout, dtype=cfg.model.dtype)
+
+
+def rollout_worker_actor(model_path: str, cfg, placement_group=None):
+    """One RolloutWorker actor from a Config (in bundle 0 of `placement_group` if given); with
+    no placement group, waits until its engine is up (surfacing start-up errors here)."""
+    import ray
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    from actors.rollout import RolloutWorker
+
+    res = rollout_resources(cfg)
+    options = dict(num_cpus=res["num_cpus"], num_gpus=res["num_gpus"], max_concurrency=res["max_concurrency"],
+                   runtime_env={"env_vars": {**WORKER_ENV, **res["env"]}})
+    if placement_group is not None:
+        options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(placement_group, placement_group_bundle_index=0)
+    worker = ray.remote(RolloutWorker).options(**options).remote(**_rollout_kwargs(model_path, cfg))
+    if placement_group is None:
+        ray.get(worker.info.remote())
     return worker
 
 
@@ -102,16 +119,11 @@ def rollout_group(model_path: str, cfg) -> "ActorGroup":
     cluster sees the whole rollout demand at once and adds GPU nodes for it.
     """
     import ray
-    import torch
 
     from actors.rollout import RolloutWorker
 
-    gpus = cfg.rollout.tensor_parallel_size if torch.cuda.is_available() else 0
-    threads = cfg.rollout.cpu_threads or os.cpu_count() or 1
-    group = ActorGroup(RolloutWorker, cfg.rollout.num_workers, num_cpus=1, num_gpus=gpus, strategy="SPREAD",
-                       max_concurrency=16, env={"OMP_NUM_THREADS": str(threads)}, name="rollout",
-                       kwargs_fn=lambda r, a, p: dict(model_path=model_path, dtype=cfg.model.dtype,
-                                                      **cfg.rollout.model_dump()))
+    group = ActorGroup(RolloutWorker, cfg.rollout.num_workers, strategy="SPREAD", name="rollout",
+                       kwargs_fn=lambda r, a, p: _rollout_kwargs(model_path, cfg), **rollout_resources(cfg))
     ray.get([w.info.remote() for w in group.actors])  # surfaces engine start-up errors here
     return group
 
@@ -147,7 +159,7 @@ class ActorGroup:
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         self.name = name or cls.__name__
-        bundle = {"CPU": num_cpus, **({"GPU": num_gpus} if num_gpus else {})}
+        self.bundle = bundle = {"CPU": num_cpus, **({"GPU": num_gpus} if num_gpus else {})}
         self.pg = placement_group([dict(bundle) for _ in range(n)], strategy=strategy)
         wait_for_placement(self.pg, f"{n} x {bundle} for {self.name}", ready_timeout_s)
         on = [PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i) for i in range(n)]

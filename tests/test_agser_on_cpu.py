@@ -167,10 +167,10 @@ def test_judge_pool_runs_inside_training_and_logs_to_wandb(ray_session, tiny_mod
         ray_session.kill(run.judges.actors[0])      # a judge dies: step 3 sends its answers to a dead actor
         run.cfg.train.steps = 3
         run.train()
-        assert run.state["restarts"] == 1 and run.state["requeued_prompts"] == 2
+        assert run.state.restarts == 1 and run.state.requeued_prompts == 2
         # the policy judge got every weight sync: its engine matches the rollout worker's
         judge_sum = ray_session.get(run.judges.actors[0].checksum.remote())
-        assert judge_sum == pytest.approx(ray_session.get(run.rollouts[0].checksum.remote()))
+        assert judge_sum == pytest.approx(ray_session.get(run.rollout.actors[0].checksum.remote()))
         # all-scenario reward: a general prompt's completion gains reward_weight x the judge's score
         from actors.rewards import RewardResult
 

@@ -130,7 +130,7 @@ def test_two_grpo_steps_of_the_smollm2_zero_recipe_move_the_weights_and_vllm_ser
         tok = AutoTokenizer.from_pretrained(smollm2_path)
         ids = prompt_ids(tok, "What is 3 + 4?")
         answer = tok.encode("<think> 3 + 4 = 7 </think> <answer> 7 </answer>", add_special_tokens=False)
-        vllm_lp = torch.tensor(run.ray.get(run.rollouts[0].sequence_logprobs.remote([ids + answer]))[0][len(ids) - 1:])
+        vllm_lp = torch.tensor(run.ray.get(run.rollout.actors[0].sequence_logprobs.remote([ids + answer]))[0][len(ids) - 1:])
         history = run.logger.history()
     finally:
         run.close()

@@ -116,6 +116,54 @@ def test_async_mode_bounds_staleness(ray_session, tiny_model_path, tmp_path):
     assert rows[-1]["train/policy_version"] == 3
 
 
+def test_async_resume_from_a_checkpoint_taken_with_rollouts_in_flight(ray_session, tiny_model_path, tmp_path):
+    """Async (max_staleness 1): the step-2 checkpoint is written while step 3's rollouts are already
+    launched; the run crashes right after it. Resumed, every step trains on its own prompts
+    exactly once: the same prompts per step as an uninterrupted run, none lost, none twice."""
+    from drivers.train import Run
+
+    def cfg(name):
+        return _cfg(tmp_path, name, tiny_model_path, steps=4, mode="async", max_staleness=1, sft_steps=0)
+
+    _, full = _run(cfg("async_full"))
+    launched_at_checkpoint = []
+
+    class CrashAfterCheckpoint(Run):
+        launched: list = []
+
+        def launch_step(self, step):
+            self.launched.append(step)
+            return super().launch_step(step)
+
+        def checkpoint(self):
+            super().checkpoint()
+            if self.state.step == 2:
+                launched_at_checkpoint.extend(self.launched)
+                raise RuntimeError("crash right after the step-2 checkpoint")
+
+    run = CrashAfterCheckpoint(cfg("async_cut"))
+    try:
+        with pytest.raises(RuntimeError, match="crash right after"):
+            run.train()
+    finally:
+        run.close()
+    assert launched_at_checkpoint == [0, 1, 2]       # step index 2 (the third step) was in flight
+    _, resumed = _run(cfg("async_cut"), resume=True)
+
+    def by_step(hist):
+        rows = [r for r in hist if "train/loss" in r]
+        assert len(rows) == len({r["train/step"] for r in rows}), "a step was trained twice"
+        return {r["train/step"]: r for r in rows}
+    a, b = by_step(full), by_step(resumed)
+    assert sorted(b) == [1, 2, 3, 4]
+    for step in (1, 2, 3, 4):
+        assert b[step]["train/prompt_digest"] == a[step]["train/prompt_digest"], step
+        assert (b[step]["rollout/samples"], b[step]["train/groups"]) == (a[step]["rollout/samples"], 4)
+    assert b[4]["train/samples_total"] == a[4]["train/samples_total"] == 4 * 4 * 4
+    for step in (1, 2):                                   # before the crash: the same run
+        assert b[step]["train/loss"] == a[step]["train/loss"]
+
+
 def test_tiny_recipe_really_learns(ray_session, tmp_path, outcome_seed, outcome_threads):
     """The README recipe, shortened to 20 GRPO steps: held-out greedy accuracy must rise.
 
@@ -171,19 +219,19 @@ def test_faults_workers_die_sync_stalls_learner_crashes_and_nothing_is_lost(unin
     history = []
     try:
         run.train()
-        ray_session.kill(run.rollouts[0])                      # fault 1: the rollout worker dies
+        ray_session.kill(run.rollout.actors[0])                      # fault 1: the rollout worker dies
         ray_session.kill(run.rewards.actors[0])                # fault 2: the reward worker dies
         run.cfg.train.steps = 3
         run.train()
-        assert run.state["restarts"] == 2 and run.state["requeued_prompts"] == 4
+        assert run.state.restarts == 2 and run.state.requeued_prompts == 4
         # fault 3: a weight sync that cannot finish (the engine is busy; mode "finish" waits)
-        busy = run.rollouts[0].generate.remote(["What is 1 + 1?"], n=64, max_tokens=150, ignore_eos=True)
-        while ray_session.get(run.rollouts[0].num_in_flight.remote()) == 0:
+        busy = run.rollout.actors[0].generate.remote(["What is 1 + 1?"], n=64, max_tokens=150, ignore_eos=True)
+        while ray_session.get(run.rollout.actors[0].num_in_flight.remote()) == 0:
             time.sleep(0.05)
         run.cfg.train.sync_timeout_s = 0.5
         t0 = time.perf_counter()
         with pytest.raises(TimeoutError, match="sync_timeout_s=0.5"):
-            run.sync_weights(run.state["version"])             # same weights: harmless once it lands
+            run.push_weights(run.state.version)             # same weights: harmless once it lands
         assert time.perf_counter() - t0 < 5
         ray_session.get(busy)
         run.cfg.train.sync_timeout_s = 600

@@ -1,0 +1,290 @@
+"""Role pools: the actors of one role, called item-sharded, with one recovery path.
+
+    pool = Pool("reward", group, state)                    # group: an ActorGroup
+    results = pool.map_sharded("score", items, call)      # = pool.gather(pool.launch(...))
+
+`launch` deals items round-robin to the pool's live actors; `call(chunk, indices)` turns an
+actor's share into the method's (args, kwargs), and the method returns one result per item.
+`gather` returns the results in item order. The recovery path, the only one: when an actor is
+found dead, its slot is refilled (a fresh actor in the same place, `prepare`d: engine up and
+loaded with the current policy) and its share is redone with the same arguments — so with the
+same weights and per-item seeds the redone share is the same as the lost one, and no item is
+lost or counted twice. An elastic slot is dropped instead (its node may be gone), and its share
+is redone on the others.
+
+RolloutPool adds elasticity (rollout.max_workers > rollout.num_workers): it keeps one
+placement-group request for another worker pending; when the cluster has room (resources
+appeared, or the autoscaler added a node for that very request) the worker starts, is loaded
+with the current policy version, and joins at the next step. Workers on a drained or dead node
+leave the pool.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Callable
+
+
+@dataclass
+class RunState:
+    """What a run checkpoints besides the learner (state.json)."""
+
+    step: int = 0                 # RL steps done
+    version: int = 0              # policy version the rollout workers hold
+    sft_done: bool = False
+    samples: int = 0              # completions generated for training
+    stale_dropped: int = 0        # groups dropped for staleness (async)
+    restarts: int = 0             # actors replaced after a death
+    requeued_prompts: int = 0     # prompts generated or judged again after a death
+    tag: str = ""                 # the checkpoint tag this state belongs to
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "RunState":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass
+class Slot:
+    """One place of a pool: its actor, how to make a fresh one there, and where it runs."""
+
+    actor: Any
+    make: Callable[[], Any]
+    node_id: str = ""
+    elastic: bool = False         # joined while running; leaves when its node goes
+    pg: Any = None                # its own placement group (elastic slots)
+
+
+@dataclass
+class _Share:
+    slot: Slot
+    actor: Any                    # the actor the share was sent to
+    indices: list[int]
+    args: tuple
+    kwargs: dict
+    ref: Any
+
+
+@dataclass
+class Pending:
+    """A launched map: gather() it."""
+
+    method: str
+    n_items: int
+    items: list
+    call: Callable
+    shares: list[_Share] = field(default_factory=list)
+
+
+def slots_of(group) -> list[Slot]:
+    """The slots of an ActorGroup (a refill restarts the actor in the same bundle)."""
+    return [Slot(actor=a, make=lambda i=i: group.restart(i)) for i, a in enumerate(group.actors)]
+
+
+def alive_nodes() -> set[str]:
+    import ray
+
+    return {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+
+
+class Pool:
+    """Actors of one role (see the module docstring). `counts_prompts`: a redone share adds its
+    item count to RunState.requeued_prompts (rollout and judge pools: their items are prompts)."""
+
+    def __init__(self, name: str, group, state: RunState, *,
+                 prepare: Callable[[Any], None] | None = None, counts_prompts: bool = False):
+        self.name, self.group, self.slots, self.state = name, group, slots_of(group), state
+        self.prepare = prepare or (lambda actor: None)
+        self.counts_prompts = counts_prompts
+
+    @property
+    def actors(self) -> list:
+        return [s.actor for s in self.slots]
+
+    # ------------------------------------------------------------------ map
+    def launch(self, method: str, items: list, call: Callable[[list, list[int]], tuple[tuple, dict]],
+               indices: list[int] | None = None) -> Pending:
+        """Send `items` (or only items[indices]) to the live actors, round-robin."""
+        indices = list(range(len(items))) if indices is None else indices
+        pending = Pending(method, len(items), items, call)
+        k = len(self.slots)
+        if not k:
+            raise RuntimeError(f"the {self.name} pool has no workers left")
+        for slot, mine in zip(self.slots, [indices[i::k] for i in range(k)]):
+            if mine:
+                args, kwargs = call([items[j] for j in mine], mine)
+                ref = getattr(slot.actor, method).remote(*args, **kwargs)
+                pending.shares.append(_Share(slot, slot.actor, mine, args, kwargs, ref))
+        return pending
+
+    def gather(self, pending: Pending, timeout_s: float | None = None, what: str = "") -> list:
+        """Results in item order; dead actors are refilled and their shares redone (see module doc)."""
+        import ray
+
+        t0 = time.perf_counter()
+        out: list = [None] * pending.n_items
+        for share in pending.shares:
+            try:
+                got = self._get(share.ref, t0, timeout_s, what)
+            except ray.exceptions.RayActorError:
+                got = self._redo(pending, share, t0, timeout_s, what)
+            for j, r in zip(share.indices, got):
+                out[j] = r
+        return out
+
+    def map_sharded(self, method: str, items: list, call, timeout_s: float | None = None, what: str = "") -> list:
+        """launch + gather."""
+        return self.gather(self.launch(method, items, call), timeout_s, what)
+
+    def broadcast(self, method: str, *args, timeout_s: float | None = None, what: str = "") -> list:
+        """The same call on every actor (e.g. update_weights); a dead one is refilled and called again."""
+        items = list(range(len(self.slots)))
+        pending = Pending(method, len(items), items, lambda chunk, idx: (args, {}))
+        for i, slot in enumerate(self.slots):
+            pending.shares.append(_Share(slot, slot.actor, [i], args, {}, getattr(slot.actor, method).remote(*args)))
+        return self._gather_each(pending, timeout_s, what)
+
+    def _gather_each(self, pending: Pending, timeout_s, what) -> list:
+        import ray
+
+        t0 = time.perf_counter()
+        out = []
+        for share in pending.shares:
+            try:
+                out.append(self._get(share.ref, t0, timeout_s, what))
+            except ray.exceptions.RayActorError:
+                actor = self.refill(share.slot, share.actor)
+                if actor is not None:
+                    out.append(self._get(getattr(actor, pending.method).remote(*share.args, **share.kwargs),
+                                         t0, timeout_s, what))
+        return out
+
+    @staticmethod
+    def _get(ref, t0: float, timeout_s: float | None, what: str):
+        import ray
+
+        if timeout_s is None:
+            return ray.get(ref)
+        try:
+            return ray.get(ref, timeout=max(0.0, timeout_s - (time.perf_counter() - t0)))
+        except ray.exceptions.GetTimeoutError:
+            raise TimeoutError(f"{what or 'a call'} did not finish within {timeout_s} s") from None
+
+    def _redo(self, pending: Pending, share: _Share, t0, timeout_s, what):
+        """The one recovery path: refill the dead actor's slot and redo its share there, or, when
+        the slot is gone with its node, on the remaining actors (results written into place)."""
+        if self.counts_prompts:
+            self.state.requeued_prompts += len(share.indices)
+        actor = self.refill(share.slot, share.actor)
+        if actor is not None:
+            return self._get(getattr(actor, pending.method).remote(*share.args, **share.kwargs), t0, timeout_s, what)
+        again = self.launch(pending.method, pending.items, pending.call, indices=share.indices)
+        again.n_items = pending.n_items
+        redone = self.gather(again, timeout_s, what)
+        return [redone[j] for j in share.indices]
+
+    # ------------------------------------------------------------------ recovery
+    def refill(self, slot: Slot, dead) -> Any | None:
+        """A live actor for `slot` whose actor `dead` died: the one already there if someone
+        replaced it meanwhile; else a fresh, prepared one in the same place. None: the slot left
+        the pool (an elastic worker)."""
+        if slot not in self.slots:
+            return None
+        if slot.actor is not dead:
+            return slot.actor
+        if slot.elastic:        # opportunistic: not restarted in place (its node may be gone); the
+            self.drop(slot)     # pool grows again at a refresh if the cluster still has room
+            return None
+        print(f"{self.name} worker {self.slots.index(slot)} died: restarting it", flush=True)
+        slot.actor = slot.make()
+        self.state.restarts += 1
+        self.prepare(slot.actor)
+        return slot.actor
+
+    def drop(self, slot: Slot) -> None:
+        """Remove an elastic slot (dead, or its node gone) and give back its placement group."""
+        import ray
+        from ray.util.placement_group import remove_placement_group
+
+        print(f"{self.name}: an elastic worker left ({len(self.slots) - 1} left)", flush=True)
+        self.slots.remove(slot)
+        try:
+            ray.kill(slot.actor)
+        except Exception:  # noqa: BLE001 - gone with its node
+            pass
+        if slot.pg is not None:
+            remove_placement_group(slot.pg)
+
+    def kill(self) -> None:
+        """Kill this pool's actors and give back its placement groups (nothing else)."""
+        import ray
+        from ray.util.placement_group import remove_placement_group
+
+        for s in self.slots:
+            ray.kill(s.actor)
+            if s.pg is not None:
+                remove_placement_group(s.pg)
+        self.slots = []
+        remove_placement_group(self.group.pg)
+
+
+class RolloutPool(Pool):
+    """The rollout workers: `num_workers` in one SPREAD placement group, plus up to
+    `max_workers - num_workers` elastic ones started when the cluster has room (module doc)."""
+
+    def __init__(self, group, state: RunState, *, prepare, max_workers: int, new_worker: Callable[[Any], Any]):
+        super().__init__("rollout", group, state, prepare=prepare, counts_prompts=True)
+        self.max_workers, self.new_worker = max_workers, new_worker
+        self._asked = None                      # a placement group waiting for room
+        self._starting: list[tuple] = []        # (pg, actor, info ref) of workers starting up
+        infos = group.get([a.info.remote() for a in group.actors])
+        for slot, info in zip(self.slots, infos):
+            slot.node_id = info.get("node_id", "")
+
+    def refresh(self) -> dict:
+        """Between steps, never blocking on a start-up: drop elastic workers whose node is gone,
+        let started workers join (loaded with the current policy first), start one more where
+        the cluster has room. Returns pool metrics."""
+        import ray
+        from ray.util.placement_group import placement_group
+
+        alive = alive_nodes()
+        for slot in [s for s in self.slots if s.elastic and s.node_id not in alive]:
+            self.drop(slot)
+        for pg, actor, info in list(self._starting):
+            ready, _ = ray.wait([info], timeout=0)
+            if not ready:
+                continue
+            self._starting.remove((pg, actor, info))
+            try:
+                node = ray.get(info)["node_id"]
+                self.prepare(actor)
+            except ray.exceptions.RayActorError:     # died while starting (its node went)
+                ray.util.remove_placement_group(pg)
+                continue
+            self.slots.append(Slot(actor=actor, make=lambda: None, node_id=node, elastic=True, pg=pg))
+            print(f"rollout: a worker joined on node {node[:8]} ({len(self.slots)} now)", flush=True)
+        if len(self.slots) + len(self._starting) < self.max_workers:
+            if self._asked is None:
+                self._asked = placement_group([dict(self.group.bundle)])
+            ready, _ = ray.wait([self._asked.ready()], timeout=0)
+            if ready:
+                actor = self.new_worker(self._asked)
+                self._starting.append((self._asked, actor, actor.info.remote()))
+                self._asked = None
+        return {"pool/rollout_workers": len(self.slots), "pool/rollout_starting": len(self._starting)}
+
+    def kill(self) -> None:
+        import ray
+        from ray.util.placement_group import remove_placement_group
+
+        for pg, actor, _ in self._starting:
+            ray.kill(actor)
+            remove_placement_group(pg)
+        if self._asked is not None:
+            remove_placement_group(self._asked)
+        self._starting, self._asked = [], None
+        super().kill()
