@@ -371,7 +371,7 @@ class Run:
                 continue
             keep_rows.append((rs, [r.reward for r in res]))
         rewards = torch.tensor([x for _, rw in keep_rows for x in rw])
-        adv = group_advantages(rewards, G, scale=self.cfg.algo.adv_scale) if len(rewards) else rewards
+        adv = group_advantages(rewards, G, self.cfg.algo.advantage) if len(rewards) else rewards
         zero_var = zero_variance_groups(rewards, G) if len(rewards) else 0
         batch = {"input_ids": [], "prompt_lens": [], "advantages": [], "behavior_logp": []}
         for gi, (rs, _) in enumerate(keep_rows):
