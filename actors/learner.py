@@ -96,8 +96,9 @@ class Learner:
                  betas: tuple[float, float] = (0.9, 0.999), adam_eps: float = 1e-8, grad_clip: float = 1.0,
                  micro_batch_tokens: int = 8192, cpu_threads: int = 1, seed: int = 0,
                  beta: float = 0.0, eps_low: float = 0.2, eps_high: float = 0.2,
-                 agg: str = "token-mean", ratio_level: str = "token", max_len: int | None = None,
-                 is_cap: float | None = 2.0, old_logp: str = "rollout", temperature: float = 1.0,
+                 agg: str = "token-mean", policy_loss: str = "ppo_clip", max_len: int | None = None,
+                 rollout_correction: str = "tis", is_cap: float | None = 2.0, mis_low: float = 0.5,
+                 mis_high: float = 2.0, old_logp: str = "rollout", temperature: float = 1.0,
                  mini_batches: int = 1, warmup_steps: int = 0, share_prefix: bool = True,
                  attention_dropout: float | None = None, **_ignored):
         os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank),
@@ -114,8 +115,9 @@ class Learner:
         self.rank, self.world_size, self.zero_stage = rank, world_size, zero_stage
         self.model_path = str(model_path)
         self.dtype = getattr(torch, dtype)
-        self.loss_kw = dict(eps_low=eps_low, eps_high=eps_high, beta=beta, agg=agg,
-                            ratio_level=ratio_level, max_len=max_len, is_cap=is_cap)
+        self.loss_kw = dict(eps_low=eps_low, eps_high=eps_high, beta=beta, agg=agg, policy_loss=policy_loss,
+                            max_len=max_len, rollout_correction=rollout_correction, is_cap=is_cap,
+                            mis_low=mis_low, mis_high=mis_high)
         self.old_logp_source, self.temperature = old_logp, temperature
         self.micro_batch_tokens, self.mini_batches = micro_batch_tokens, mini_batches
         self.share_prefix = share_prefix
@@ -341,19 +343,23 @@ class Learner:
         g_tokens, g_rows = self._all_reduce([local_tokens, len(batch["input_ids"])])
         denominator = g_tokens if per_token else g_rows
         micro, share = self._plan(batch, share=True)
-        keys = ["policy_loss", "kl", "clip_frac_low", "clip_frac_high", "ratio_mean", "entropy"]
+        # the engine's logprobs are always passed (the mismatch is measured); the correction acts
+        # only against the learner's own proximal logprobs (old_logp="rollout": old == behavior)
+        loss_kw = self.loss_kw if self.old_logp_source == "learner" else {**self.loss_kw, "rollout_correction": "none"}
+        has_behavior = "behavior_logp" in batch
+        # the same keys on every rank (one all-reduce); those of the correction are 0 without behavior_logp
+        correction_keys = ["mismatch_abs_mean", "correction_weight_mean", "correction_masked_frac"]
+        keys = ["policy_loss", "kl", "clip_frac_low", "clip_frac_high", "ratio_mean", "entropy"] + correction_keys
         sums = dict.fromkeys(keys, 0.0)
-        total_loss, ratio_max, finite = 0.0, 1.0, True
+        total_loss, ratio_max, mismatch_max, finite = 0.0, 1.0, 0.0, True
         for k, idx in enumerate(micro):
             if not idx:
                 self.engine.backward(self._dummy_loss(share), scale_wrt_gas=False)
                 continue
             mb, logits = self._forward(self.engine, batch, idx, share)
             logp = token_logprobs(logits, mb["targets"], self.temperature)
-            ref = mb.get("ref_logp")
-            behavior = mb.get("behavior_logp") if self.old_logp_source == "learner" else None
-            loss, metrics = grpo_loss(logp, mb["old_logp"], mb["adv"], mb["mask"], ref,
-                                      behavior_logp=behavior, **self.loss_kw)
+            loss, metrics = grpo_loss(logp, mb["old_logp"], mb["adv"], mb["mask"], mb.get("ref_logp"),
+                                      behavior_logp=mb.get("behavior_logp"), **loss_kw)
             count = metrics["n_tokens"] if per_token else len(idx)
             loss = loss * (count / denominator) * self.world_size  # DeepSpeed averages over ranks
             if inject_nan:
@@ -365,16 +371,20 @@ class Learner:
             finite = finite and math.isfinite(float(loss.detach()))
             total_loss += float(loss.detach()) / self.world_size
             ratio_max = max(ratio_max, metrics["ratio_max"])
+            mismatch_max = max(mismatch_max, metrics.get("mismatch_abs_max", 0.0))
             for key in keys:
-                sums[key] += metrics[key] * metrics["n_tokens"]
+                sums[key] += metrics.get(key, 0.0) * metrics["n_tokens"]
         stepped, grad_norm = self._apply_step(finite)
         if not stepped:
             self.skipped_steps += 1
         totals = self._all_reduce([sums[k] for k in keys] + [total_loss])
-        out = {f"train/{k}": v / max(g_tokens, 1) for k, v in zip(keys, totals[:-1])}
-        out.update({"loss": totals[-1], "skipped": 0.0 if stepped else 1.0,
-                    "train/ratio_max": self._all_reduce([ratio_max], "max")[0],
+        maxes = self._all_reduce([ratio_max, mismatch_max], "max")
+        out = {f"train/{k}": v / max(g_tokens, 1) for k, v in zip(keys, totals[:-1])
+               if has_behavior or k not in correction_keys}
+        out.update({"loss": totals[-1], "skipped": 0.0 if stepped else 1.0, "train/ratio_max": maxes[0],
                     "train/tokens": g_tokens, "train/grad_norm": grad_norm})
+        if has_behavior:
+            out["train/mismatch_abs_max"] = maxes[1]
         return out
 
     # ------------------------------------------------------------------ SFT

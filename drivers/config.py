@@ -126,21 +126,41 @@ class LearnerConfig(_Section):
 
 
 class AlgoConfig(_Section):
-    """GRPO and its variants (formulas in actors/grpo.py); the defaults are plain GRPO."""
+    """GRPO and its variants (formulas in actors/grpo.py, explained in docs/algorithms.md);
+    the defaults are plain GRPO with DAPO's token-mean loss and truncated IS weights."""
 
-    adv_scale: Literal["std", "none"] = Field("std", description="'none' is Dr. GRPO.")
+    advantage: Literal["grpo", "drgrpo", "rloo"] = Field(
+        "grpo", description="Advantage estimator: grpo (r - mean) / std, drgrpo r - mean (Dr. GRPO), "
+        "rloo r - mean of the other G - 1.")
+    policy_loss: Literal["ppo_clip", "gspo"] = Field(
+        "ppo_clip", description="ppo_clip: token ratio, clipped; gspo: sequence ratio (GSPO), clipped.")
     eps_low: float = Field(0.2, gt=0.0, lt=1.0)
     eps_high: float = Field(0.2, gt=0.0, le=10.0, description="DAPO clip-higher: 0.28.")
     beta: float = Field(0.0, ge=0.0, le=10.0, description="k3 KL weight; 0 loads no reference.")
     agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = Field(
         "token-mean", description="Loss aggregation (token-mean: DAPO; seq-mean-token-mean: GRPO).")
-    ratio_level: Literal["token", "sequence"] = Field("token", description="'sequence' is GSPO.")
     old_logp: Literal["rollout", "learner"] = Field(
         "learner", description="Proximal policy for the ratio: recomputed by the learner (the "
-        "rollout engine's logprobs then weight tokens, truncated at is_cap), or the engine's own.")
-    is_cap: float = Field(2.0, gt=0.0, description="Truncation of importance weights.")
+        "rollout engine's logprobs then weight tokens by rollout_correction), or the engine's own "
+        "(then rollout_correction must be 'none': there is nothing to correct).")
+    rollout_correction: Literal["none", "tis", "mis_token", "mis_sequence"] = Field(
+        "tis", description="Weights for the engine/learner mismatch (old_logp=learner): tis truncates "
+        "exp(old - behavior) at is_cap; mis_token drops tokens, mis_sequence whole sequences, whose "
+        "ratio lies outside [mis_low, mis_high].")
+    is_cap: float = Field(2.0, gt=0.0, description="tis: truncation of importance weights.")
+    mis_low: float = Field(0.5, ge=0.0, le=1.0, description="mis_*: lowest ratio kept.")
+    mis_high: float = Field(2.0, ge=1.0, description="mis_*: highest ratio kept.")
     mini_batches: int = Field(1, ge=1, le=64, description="Optimizer steps per rollout batch.")
     dynamic_sampling: bool = Field(False, description="DAPO: drop zero-variance groups and refill.")
+
+    @model_validator(mode="after")
+    def _correction_can_act(self) -> "AlgoConfig":
+        if self.old_logp == "rollout" and self.rollout_correction != "none":
+            raise ValueError(
+                f"algo.rollout_correction {self.rollout_correction!r} needs algo.old_logp 'learner': with "
+                "'rollout' the proximal policy is the engine's own (old == behavior), so there is nothing "
+                "to correct; set algo.rollout_correction=none (the mismatch is still measured)")
+        return self
 
 
 class TrainConfig(_Section):
@@ -271,10 +291,20 @@ class Config(_Section):
         return self
 
 
+# keys of an older schema -> what to write instead: a config still using one fails with this hint
+RENAMED_KEYS = {
+    "algo.adv_scale": "algo.advantage ('std' -> 'grpo', 'none' -> 'drgrpo')",
+    "algo.ratio_level": "algo.policy_loss ('token' -> 'ppo_clip', 'sequence' -> 'gspo')",
+}
+
+
 def _format_errors(err: ValidationError, source: str) -> str:
     lines = [f"invalid config ({source}):"]
     for e in err.errors():
         field = ".".join(str(p) for p in e["loc"] if p != "[key]")
+        if e["type"] == "extra_forbidden" and field in RENAMED_KEYS:
+            lines.append(f"  - {field}: renamed (value {e['input']!r}); use {RENAMED_KEYS[field]}")
+            continue
         if e["type"] == "extra_forbidden":
             lines.append(f"  - {field}: unknown key (value {e['input']!r}); check the spelling")
             continue

@@ -1,13 +1,16 @@
-"""The GRPO driver: rollout workers -> reward workers -> learner ranks -> weight sync, on Ray.
+"""The GRPO driver: rollout pool -> reward pool -> learner ranks -> weight push, on Ray.
 
     r1ray train configs/tiny.yaml [a.b=value ...] [--resume]
     ray job submit -- r1ray train configs/tiny.yaml        # unchanged on a cluster
 
-Sync mode: generate -> score -> update -> sync, in lock-step. Async mode: the rollout workers
-generate the next batch(es) with the weights they hold while the learner trains; each sample
-carries its policy version and is admitted only while learner_version - sample_version <=
-max_staleness; the loss corrects the lag with truncated importance weights (algo.old_logp =
-"learner": the learner's proximal logprobs against the rollout's behaviour logprobs).
+`Run.train` is the step loop: generate -> score -> build the batch (actors.batch.build_batch,
+pure) -> train -> push weights; the judge, evaluation and checkpoints are hooks beside it. The
+pools (drivers/pools.py) shard every call over their workers and own the one recovery path.
+Sync mode runs the steps in lock-step. Async mode keeps generation train.max_staleness steps
+ahead with the weights the workers hold; each sample carries its policy version and is admitted
+only while learner_version - sample_version <= max_staleness; the loss corrects the lag with
+the configured rollout correction (docs/algorithms.md; algo.old_logp = "learner": the learner's
+proximal logprobs against the rollout's behaviour logprobs).
 """
 from __future__ import annotations
 
@@ -140,7 +143,7 @@ class Run:
                                       seed=cfg.seed, dtype=cfg.model.dtype, temperature=cfg.rollout.temperature,
                                       max_len=cfg.rollout.max_tokens,
                                       **cfg.learner.model_dump(exclude={"num_ranks", "cpu_threads", "sft_lr"}),
-                                      **cfg.algo.model_dump(exclude={"adv_scale", "dynamic_sampling"})))
+                                      **cfg.algo.model_dump(exclude={"advantage", "dynamic_sampling"})))
         base = rollout_group(self.model_path, cfg)
         self.rollout = RolloutPool(base, self.state, prepare=self._load_policy,
                                    max_workers=max(cfg.rollout.max_workers or 0, cfg.rollout.num_workers),
@@ -434,7 +437,7 @@ class Run:
 
     def advantage(self, rewards: torch.Tensor, group_size: int) -> torch.Tensor:
         """The configured advantage estimator on one group's rewards."""
-        return group_advantages(rewards, group_size, scale=self.cfg.algo.adv_scale)
+        return group_advantages(rewards, group_size, self.cfg.algo.advantage)
 
     def _rollout_metrics(self, groups: list[Group], step_s: float, gen_s: float) -> dict:
         from actors.rewards import summarize

@@ -148,3 +148,25 @@ def test_keep_checkpoints_is_at_least_one():
     assert build_config({}, ["run.keep_checkpoints=2"]).run.keep_checkpoints == 2
     with pytest.raises(ConfigError, match=r"run.keep_checkpoints: got 0: Input should be greater than or equal to 1"):
         build_config({}, ["run.keep_checkpoints=0"])
+
+
+def test_renamed_algo_keys_name_the_new_key():
+    with pytest.raises(ConfigError) as e:
+        build_config({"algo": {"adv_scale": "none", "ratio_level": "sequence", "eps_low": 5}})
+    msg = str(e.value)
+    assert "algo.adv_scale: renamed" in msg and "use algo.advantage ('std' -> 'grpo', 'none' -> 'drgrpo')" in msg
+    assert "algo.ratio_level: renamed" in msg and "use algo.policy_loss ('token' -> 'ppo_clip'" in msg
+    assert "algo.eps_low" in msg                       # the other errors are still all reported
+    with pytest.raises(ConfigError, match="algo.adv_scale: renamed"):
+        build_config({}, ["algo.adv_scale=std"])
+
+
+def test_a_correction_needs_the_learners_old_logp():
+    for name in ("tis", "mis_token", "mis_sequence"):
+        with pytest.raises(ConfigError, match=f"rollout_correction '{name}' needs algo.old_logp 'learner'.*"
+                                              "set algo.rollout_correction=none"):
+            build_config({}, ["algo.old_logp=rollout", f"algo.rollout_correction={name}"])
+    cfg = build_config({}, ["algo.old_logp=rollout", "algo.rollout_correction=none"])
+    assert cfg.algo.rollout_correction == "none"
+    cfg = build_config({}, ["algo.rollout_correction=mis_sequence", "algo.mis_low=0.2", "algo.mis_high=5"])
+    assert (cfg.algo.old_logp, cfg.algo.mis_low, cfg.algo.mis_high) == ("learner", 0.2, 5.0)

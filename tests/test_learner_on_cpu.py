@@ -204,7 +204,7 @@ def test_reference_model_and_learner_side_old_logp(ray_session, tiny_model_path,
 
     batch = make_batch(tiny_model_path, n_rows=4 * world, seed=3, group_size=2)   # shared prompts: old and ref too
     model = AutoModelForCausalLM.from_pretrained(tiny_model_path).eval()
-    num, den = 0.0, 0
+    num, den, diffs = 0.0, 0, []
     for ids, p, a, b in zip(batch["input_ids"], batch["prompt_lens"], batch["advantages"], batch["behavior_logp"]):
         with torch.no_grad():
             lp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0, :-1], -1)
@@ -212,6 +212,8 @@ def test_reference_model_and_learner_side_old_logp(ray_session, tiny_model_path,
         w = torch.exp(old - torch.tensor(b)).clamp(max=2.0)
         num += float((-a * w).sum())
         den += len(b)
+        diffs.append(old - torch.tensor(b))
+    diffs = torch.cat(diffs)
     group = learner_group(tiny_model_path, world, stage, beta=0.1, old_logp="learner", is_cap=2.0)
     try:
         m = group.get(group.call_each("train_step", shard(batch, world)), timeout=300)[0]
@@ -220,3 +222,8 @@ def test_reference_model_and_learner_side_old_logp(ray_session, tiny_model_path,
     assert m["train/kl"] == pytest.approx(0.0, abs=1e-6)
     assert m["train/ratio_max"] == pytest.approx(1.0, abs=1e-5)
     assert m["loss"] == pytest.approx(num / den, abs=1e-5)
+    # the engine/learner mismatch over every rank's tokens (first step: logp == old), and TIS's truncations
+    assert m["train/mismatch_abs_mean"] == pytest.approx(float(diffs.abs().mean()), abs=1e-5)
+    assert m["train/mismatch_abs_max"] == pytest.approx(float(diffs.abs().max()), abs=1e-5)
+    assert m["train/correction_masked_frac"] == pytest.approx(float((diffs.exp() > 2.0).float().mean()), abs=1e-6)
+    assert m["train/mismatch_abs_mean"] > 0.1          # the test batch adds noise of std .3 to the engine logprobs
