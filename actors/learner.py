@@ -28,11 +28,15 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from actors.grpo import grpo_loss, token_entropy, token_logprobs
 from actors.weight_sync import DEFAULT_BUCKET_BYTES, ObjectStoreTransport
+
+if TYPE_CHECKING:
+    from drivers.config import AlgoConfig, LearnerConfig
 
 
 def pack_micro_batches(lengths: list[int], token_budget: int) -> list[list[int]]:
@@ -90,17 +94,20 @@ def _skip_shm_build() -> None:
 class Learner:
     """One rank: a DeepSpeed engine around an HF causal LM, plus a frozen reference if beta > 0."""
 
-    def __init__(self, model_path: str, *, rank: int = 0, world_size: int = 1,
-                 master_addr: str = "127.0.0.1", master_port: int = 29500, zero_stage: int = 2,
-                 dtype: str = "float32", lr: float = 1e-5, weight_decay: float = 0.0,
-                 betas: tuple[float, float] = (0.9, 0.999), adam_eps: float = 1e-8, grad_clip: float = 1.0,
-                 micro_batch_tokens: int = 8192, cpu_threads: int = 1, seed: int = 0,
-                 beta: float = 0.0, eps_low: float = 0.2, eps_high: float = 0.2,
-                 agg: str = "token-mean", policy_loss: str = "ppo_clip", max_len: int | None = None,
-                 rollout_correction: str = "tis", is_cap: float | None = 2.0, mis_low: float = 0.5,
-                 mis_high: float = 2.0, old_logp: str = "rollout", temperature: float = 1.0,
-                 mini_batches: int = 1, warmup_steps: int = 0, share_prefix: bool = True,
-                 attention_dropout: float | None = None, **_ignored):
+    def __init__(self, model_path: str, learner: "LearnerConfig | None" = None, algo: "AlgoConfig | None" = None, *,
+                 rank: int = 0, world_size: int = 1, master_addr: str = "127.0.0.1", master_port: int = 29500,
+                 dtype: str = "float32", seed: int = 0, cpu_threads: int = 1, temperature: float = 1.0,
+                 max_len: int | None = None, attention_dropout: float | None = None):
+        """learner / algo: the config's sections (None: their defaults); the rest is per rank or per run.
+
+        temperature: the rollout's sampling temperature (logprobs are of the sampled distribution);
+        max_len: the generation budget (Dr. GRPO's aggregation constant); attention_dropout: an SFT
+        regulariser (None: the model's own).
+        """
+        from drivers.config import AlgoConfig, LearnerConfig
+
+        opt = learner if learner is not None else LearnerConfig()
+        algo = algo if algo is not None else AlgoConfig()
         os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank),
                           WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                           LOCAL_WORLD_SIZE=str(world_size))
@@ -112,45 +119,45 @@ class Learner:
         if not self.cuda:
             _skip_shm_build()
         deepspeed.init_distributed(dist_backend="nccl" if self.cuda else "gloo")
-        self.rank, self.world_size, self.zero_stage = rank, world_size, zero_stage
+        self.rank, self.world_size, self.zero_stage = rank, world_size, opt.zero_stage
         self.model_path = str(model_path)
         self.dtype = getattr(torch, dtype)
-        self.loss_kw = dict(eps_low=eps_low, eps_high=eps_high, beta=beta, agg=agg, policy_loss=policy_loss,
-                            max_len=max_len, rollout_correction=rollout_correction, is_cap=is_cap,
-                            mis_low=mis_low, mis_high=mis_high)
-        self.old_logp_source, self.temperature = old_logp, temperature
-        self.micro_batch_tokens, self.mini_batches = micro_batch_tokens, mini_batches
-        self.share_prefix = share_prefix
+        self.loss_kw = dict(eps_low=algo.eps_low, eps_high=algo.eps_high, beta=algo.beta, agg=algo.agg,
+                            policy_loss=algo.policy_loss, max_len=max_len, rollout_correction=algo.rollout_correction,
+                            is_cap=algo.is_cap, mis_low=algo.mis_low, mis_high=algo.mis_high)
+        self.old_logp_source, self.temperature = algo.old_logp, temperature
+        self.micro_batch_tokens, self.mini_batches = opt.micro_batch_tokens, algo.mini_batches
+        self.share_prefix = opt.share_prefix
         torch.manual_seed(seed)
         # attention_dropout: a training-time regulariser (SFT); save_hf writes the config's own value
         self._saved_attention_dropout = getattr(AutoConfig.from_pretrained(model_path), "attention_dropout", 0.0)
         overrides = {} if attention_dropout is None else {"attention_dropout": attention_dropout}
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=self.dtype, **overrides)
         model.config.use_cache = False
-        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=tuple(betas), eps=adam_eps,
-                                      weight_decay=weight_decay)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=opt.lr, betas=tuple(opt.adam_betas), eps=opt.adam_eps,
+                                      weight_decay=opt.weight_decay)
         self.ds_config = {
             "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
             # the number of micro-batches varies per step (token-budget packing): step() is
             # the accumulation boundary, backward() only accumulates
             "managed_gradient_accumulation": False,
-            "zero_optimization": {"stage": zero_stage},
-            "gradient_clipping": grad_clip, "steps_per_print": 10**9, "wall_clock_breakdown": False,
+            "zero_optimization": {"stage": opt.zero_stage},
+            "gradient_clipping": opt.grad_clip, "steps_per_print": 10**9, "wall_clock_breakdown": False,
             "bf16": {"enabled": dtype == "bfloat16"},
         }
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=self.ds_config)
         self.device = self.engine.device
         self.ref = None
-        if beta > 0:  # a frozen reference, sharded like the policy under ZeRO-3
+        if algo.beta > 0:  # a frozen reference, sharded like the policy under ZeRO-3
             ref = AutoModelForCausalLM.from_pretrained(model_path, dtype=self.dtype).eval()
             ref.requires_grad_(False)
-            if zero_stage == 3:
+            if opt.zero_stage == 3:
                 ref = deepspeed.initialize(model=ref, config={**self.ds_config, "gradient_clipping": 0.0})[0]
             self.ref = ref.to(self.device)
         self.steps = 0
         self.skipped_steps = 0
-        self.base_lr, self.warmup_steps, self.phase_steps = lr, warmup_steps, 0
+        self.base_lr, self.warmup_steps, self.phase_steps = opt.lr, opt.warmup_steps, 0
 
     # ------------------------------------------------------------------ helpers
     def _all_reduce(self, values: list[float], op: str = "sum") -> list[float]:
@@ -279,7 +286,7 @@ class Learner:
             batch["ref_logp"] = refs
         return batch
 
-    def train_step(self, batch: dict, inject_nan: bool = False) -> dict:
+    def train_step(self, batch: dict) -> dict:
         """One GRPO update (or `mini_batches` of them) on this rank's shard of the batch.
 
         Returns metrics averaged over the global batch (identical on every rank). A non-finite
@@ -296,7 +303,7 @@ class Learner:
         sums: dict[str, float] = {}
         for split in splits:
             sub = {k: [v[i] for i in split] for k, v in batch.items() if isinstance(v, list)}
-            metrics = self._update(sub, inject_nan)
+            metrics = self._update(sub)
             totals["loss"] += metrics.pop("loss") / len(splits)
             totals["skipped"] += metrics.pop("skipped")
             for k, v in metrics.items():
@@ -337,7 +344,7 @@ class Learner:
         norm = float(norm) if norm is not None else math.nan
         return all_finite and math.isfinite(norm), norm
 
-    def _update(self, batch: dict, inject_nan: bool) -> dict:
+    def _update(self, batch: dict) -> dict:
         per_token = self.loss_kw["agg"] == "token-mean"
         local_tokens = sum(len(x) - p for x, p in zip(batch["input_ids"], batch["prompt_lens"]))
         g_tokens, g_rows = self._all_reduce([local_tokens, len(batch["input_ids"])])
@@ -362,8 +369,6 @@ class Learner:
                                       behavior_logp=mb.get("behavior_logp"), **loss_kw)
             count = metrics["n_tokens"] if per_token else len(idx)
             loss = loss * (count / denominator) * self.world_size  # DeepSpeed averages over ranks
-            if inject_nan:
-                loss = loss * float("nan")
             with torch.no_grad():
                 metrics["entropy"] = float((token_entropy(logits, self.temperature) * mb["mask"]).sum()
                                            / mb["mask"].sum().clamp(min=1))
@@ -448,11 +453,6 @@ class Learner:
         import resource
 
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-    def state_checksum(self) -> float:
-        """Sum of all parameters (float64), gathered; collective."""
-        with self._gathered():
-            return float(sum(p.detach().double().sum() for p in self.engine.module.parameters()))
 
     def get_state_dict(self) -> dict:
         """A CPU copy of the full parameters (tests and tools; collective)."""

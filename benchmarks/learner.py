@@ -93,6 +93,7 @@ def main():
     import ray
 
     from actors.learner import Learner
+    from drivers.config import AlgoConfig, LearnerConfig
     from drivers.models import init_model
     from drivers.ray_utils import ActorGroup, init_ray
 
@@ -108,8 +109,9 @@ def main():
 
         def learner_seconds(batch: dict, **kw) -> tuple[float, list]:
             group = ActorGroup(Learner, 1, kwargs_fn=lambda r, addr, port: dict(
-                model_path=model, rank=r, world_size=1, master_addr=addr, master_port=port,
-                zero_stage=a.zero_stage, lr=1e-5, cpu_threads=a.threads, **kw))
+                model_path=model, rank=r, world_size=1, master_addr=addr, master_port=port, cpu_threads=a.threads,
+                learner=LearnerConfig(zero_stage=a.zero_stage, lr=1e-5, **kw),
+                algo=AlgoConfig(old_logp="rollout", rollout_correction="none")))
             try:
                 group.get(group.call("train_step", batch))  # warm-up
                 seconds = statistics.median(group.get(group.call("train_step", batch))[0]["step_seconds"]

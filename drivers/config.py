@@ -118,6 +118,7 @@ class LearnerConfig(_Section):
     sft_lr: float | None = Field(None, gt=0.0, le=1.0, description="Cold-start SFT lr (None: lr).")
     weight_decay: float = Field(0.0, ge=0.0, le=1.0)
     adam_eps: float = Field(1e-8, gt=0.0, le=1.0)
+    adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW (beta1, beta2).")
     grad_clip: float = Field(1.0, gt=0.0)
     warmup_steps: int = Field(0, ge=0, description="Linear lr warmup (restarts for SFT and for RL).")
     micro_batch_tokens: int = Field(16384, ge=16, description="Padded tokens per micro-batch.")

@@ -51,6 +51,7 @@ def run_sft(model: str, data: str, out: str, *, epochs: float = 2.0, batch_size:
     from transformers import AutoTokenizer
 
     from actors.learner import Learner
+    from drivers.config import LearnerConfig
     from drivers.ray_utils import ActorGroup, init_ray
 
     dataset = load_jsonl(data, answer_key="completion")
@@ -67,9 +68,9 @@ def run_sft(model: str, data: str, out: str, *, epochs: float = 2.0, batch_size:
     cuda = torch.cuda.is_available()
     group = ActorGroup(Learner, num_ranks, num_gpus=1 if cuda else 0, name="sft",
                        kwargs_fn=lambda r, addr, port: dict(
-                           model_path=model, rank=r, world_size=num_ranks, master_addr=addr, master_port=port,
-                           zero_stage=zero_stage, dtype=dtype, lr=lr, warmup_steps=warmup_steps, seed=seed,
-                           micro_batch_tokens=micro_batch_tokens,
+                           model_path=model, learner=LearnerConfig(zero_stage=zero_stage, lr=lr, warmup_steps=warmup_steps,
+                                                                   micro_batch_tokens=micro_batch_tokens),
+                           rank=r, world_size=num_ranks, master_addr=addr, master_port=port, dtype=dtype, seed=seed,
                            attention_dropout=attention_dropout if attention_dropout > 0 else None,
                            cpu_threads=cpu_threads or max(1, (os.cpu_count() or 1) // num_ranks) if not cuda else 4))
     history = []

@@ -138,12 +138,10 @@ class Run:
         self.learner = ActorGroup(Learner, cfg.learner.num_ranks, num_cpus=lp.num_cpus, num_gpus=lp.num_gpus,
                                   name="learner", env={"OMP_NUM_THREADS": str(threads)},
                                   kwargs_fn=lambda r, addr, port: dict(
-                                      model_path=self.model_path, rank=r, world_size=cfg.learner.num_ranks,
-                                      master_addr=addr, master_port=port, cpu_threads=threads,
-                                      seed=cfg.seed, dtype=cfg.model.dtype, temperature=cfg.rollout.temperature,
-                                      max_len=cfg.rollout.max_tokens,
-                                      **cfg.learner.model_dump(exclude={"num_ranks", "cpu_threads", "sft_lr"}),
-                                      **cfg.algo.model_dump(exclude={"advantage", "dynamic_sampling"})))
+                                      model_path=self.model_path, learner=cfg.learner, algo=cfg.algo, rank=r,
+                                      world_size=cfg.learner.num_ranks, master_addr=addr, master_port=port,
+                                      cpu_threads=threads, seed=cfg.seed, dtype=cfg.model.dtype,
+                                      temperature=cfg.rollout.temperature, max_len=cfg.rollout.max_tokens))
         base = rollout_group(self.model_path, cfg)
         self.rollout = RolloutPool(base, self.state, prepare=self._load_policy,
                                    max_workers=max(cfg.rollout.max_workers or 0, cfg.rollout.num_workers),

@@ -10,13 +10,14 @@ import pytest
 import torch
 
 from actors.learner import Learner, prune_checkpoints
+from learner_args import learner_kwargs
 from test_learner_on_cpu import LOSS, OPT, make_batch, shard
 
 
 def _group(cls, model_path):
     from drivers.ray_utils import ActorGroup
 
-    return ActorGroup(cls, 1, name="learner-ckpt", kwargs_fn=lambda r, addr, port: dict(
+    return ActorGroup(cls, 1, name="learner-ckpt", kwargs_fn=lambda r, addr, port: learner_kwargs(
         model_path=model_path, rank=r, world_size=1, master_addr=addr, master_port=port, zero_stage=2,
         micro_batch_tokens=40, **OPT, **LOSS))
 

@@ -10,7 +10,7 @@ from actors.learner import Learner, pack_micro_batches, pack_prompt_groups
 LOSS = dict(eps_low=0.2, eps_high=0.28, beta=0.0, agg="token-mean")
 # Adam's first step is g / (|g| + eps): with eps 1e-8, fp32 summation-order noise in
 # gradients near 0 is amplified to O(lr). eps 1e-5 keeps the comparison about the gradients.
-OPT = dict(lr=1e-3, weight_decay=0.01, betas=(0.9, 0.99), adam_eps=1e-5, grad_clip=1.0)
+OPT = dict(lr=1e-3, weight_decay=0.01, adam_betas=(0.9, 0.99), adam_eps=1e-5, grad_clip=1.0)
 
 
 def test_pack_micro_batches_by_hand():
@@ -64,7 +64,7 @@ def reference_step(model_path, batch):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
-    opt = torch.optim.AdamW(model.parameters(), lr=OPT["lr"], betas=OPT["betas"], eps=OPT["adam_eps"],
+    opt = torch.optim.AdamW(model.parameters(), lr=OPT["lr"], betas=OPT["adam_betas"], eps=OPT["adam_eps"],
                             weight_decay=OPT["weight_decay"])
     width = max(len(r) for r in batch["input_ids"])
     B = len(batch["input_ids"])
@@ -88,10 +88,12 @@ def reference_step(model_path, batch):
 
 def learner_group(model_path, world, stage, **extra):
     from drivers.ray_utils import ActorGroup
+    from learner_args import learner_kwargs
 
     def kwargs(rank, addr, port):
-        return dict(model_path=model_path, rank=rank, world_size=world, master_addr=addr,
-                    master_port=port, zero_stage=stage, **{"micro_batch_tokens": 40, **OPT, **LOSS, **extra})
+        return learner_kwargs(model_path=model_path, rank=rank, world_size=world, master_addr=addr,
+                              master_port=port, zero_stage=stage,
+                              **{"micro_batch_tokens": 40, **OPT, **LOSS, **extra})
 
     return ActorGroup(Learner, world, kwargs_fn=kwargs, name=f"learner-zero{stage}")
 
@@ -154,13 +156,18 @@ def test_resume_nan_guard_sft_and_export(ray_session, tiny_model_path, tmp_path,
         with pytest.raises(ray.exceptions.RayTaskError, match="no checkpoint"):
             group.get(group.call("load_checkpoint", str(tmp_path / "missing")))
 
-        # NaN guard: a non-finite loss skips the step on all ranks, weights untouched
-        before = group.get(group.call("state_checksum"))[0]
-        bad = group.get(group.call_each("train_step", shard(batch2, 2), inject_nan=True))
+        # NaN guard: a non-finite loss on one rank (a NaN advantage in its shard) skips the step on
+        # all ranks, weights untouched
+        def checksum():
+            return sum(float(t.double().sum()) for t in group.get(group.call("get_state_dict"))[0].values())
+        before = checksum()
+        poisoned = shard(batch2, 2)
+        poisoned[0] = ({**poisoned[0][0], "advantages": [float("nan")] + poisoned[0][0]["advantages"][1:]},)
+        bad = group.get(group.call_each("train_step", poisoned))
         assert all(m["skipped"] == 1.0 for m in bad)
-        assert group.get(group.call("state_checksum"))[0] == before
+        assert checksum() == before
         good = group.get(group.call_each("train_step", shard(batch2, 2)))
-        assert good[0]["skipped"] == 0.0 and group.get(group.call("state_checksum"))[0] != before
+        assert good[0]["skipped"] == 0.0 and checksum() != before
 
         # SFT mode on the same engine: the NLL of a fixed batch falls
         sft = {"input_ids": batch1["input_ids"], "prompt_lens": batch1["prompt_lens"]}

@@ -29,7 +29,7 @@ def _group(uid, rewards, **kw):
 
 
 def test_build_batch_keeps_group_ids_versions_and_drops_failed_stale_and_flat_groups():
-    std = lambda r, g: group_advantages(r, g, scale="std")                            # noqa: E731
+    std = lambda r, g: group_advantages(r, g, "grpo")                                  # noqa: E731
     groups = [_group(group_uid(5, 0), [1.0, 0.0, 0.0, 1.0]),
               _group(group_uid(5, 1), [1.0, 1.0, 1.0, 1.0]),                         # flat
               _group(group_uid(5, 2), [1.0, 0.0, 0.0, 0.0], status="error"),         # a verifier failed
