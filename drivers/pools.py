@@ -231,6 +231,42 @@ class Pool:
         remove_placement_group(self.group.pg)
 
 
+class JudgePool(Pool):
+    """AGSER judges (actors/agser.py) from the config's judge section: they score general
+    prompts' answers for the reward (all-scenario RL; blocking) and monitor a share of each
+    step's answers (launched at a step, collected at the next: training never waits on them)."""
+
+    def __init__(self, group, state: RunState, judge, *, prepare):
+        super().__init__("judge", group, state, prepare=prepare, counts_prompts=True)
+        self.cfg, self._monitor = judge, None     # _monitor: (of step, Pending) of the last launch
+
+    def _call(self, chunk, idx):
+        return ([q for q, _ in chunk], [a for _, a in chunk], (self.cfg.variant,)), {}
+
+    def scores(self, answers: list[tuple[str, str]]) -> list[float]:
+        """The AGSER score (the configured variant) of each (question, answer)."""
+        return [j[self.cfg.variant]["score"] for j in self.map_sharded("score", answers, self._call)]
+
+    def monitor(self, step: int, answers: list[tuple[str, str]]) -> dict:
+        """Launch the judging of step `step`'s sampled answers; returns the previous launch's metrics."""
+        metrics = self.collect()
+        self._monitor = (step + 1, self.launch("score", answers, self._call))
+        return metrics
+
+    def collect(self) -> dict:
+        """Wait for the last monitor launch (if any) and summarise it as agser/* metrics."""
+        if self._monitor is None:
+            return {}
+        (of_step, pending), self._monitor = self._monitor, None
+        judged = [j[self.cfg.variant] for j in self.gather(pending)]
+        n = len(judged)
+        return {"agser/score_mean": sum(j["score"] for j in judged) / n,
+                "agser/r_att_mean": sum(j["r_att"] for j in judged) / n,
+                "agser/r_non_att_mean": sum(j["r_non_att"] for j in judged) / n,
+                "agser/low_score_frac": sum(j["score"] <= 0 for j in judged) / n,
+                "agser/judged": n, "agser/of_step": of_step}
+
+
 class RolloutPool(Pool):
     """The rollout workers: `num_workers` in one SPREAD placement group, plus up to
     `max_workers - num_workers` elastic ones started when the cluster has room (module doc)."""

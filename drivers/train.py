@@ -26,7 +26,7 @@ import torch
 from actors.batch import Batch, Group, build_batch, group_uid
 from actors.grpo import group_advantages
 from drivers.config import Config
-from drivers.pools import Pool, RolloutPool, RunState
+from drivers.pools import JudgePool, Pool, RolloutPool, RunState
 from drivers.sft import sft_rows
 from drivers.tasks import (arithmetic_examples, load_jsonl, split_heldout, step_prompts,
                            worked_example)
@@ -112,7 +112,6 @@ class Run:
         import ray
 
         self.ray = ray
-        self.judging: tuple | None = None        # (of step, Pending) of the judges' last launch
         self.pending_evals: list = []
         self._start_actors()
         if resume:
@@ -159,8 +158,7 @@ class Run:
                                     max_tokens=cfg.judge.max_tokens, unit=cfg.judge.unit,
                                     max_model_len=cfg.rollout.max_model_len, kv_cache_gib=cfg.rollout.kv_cache_gib))
             policy_judge = not cfg.judge.model_path    # the policy judges itself: weights synced
-            self.judges = Pool("judge", judges, self.state, counts_prompts=True,
-                               prepare=self._load_policy if policy_judge else self._ready)
+            self.judges = JudgePool(judges, self.state, cfg.judge, prepare=self._load_policy if policy_judge else self._ready)
         self.evaluator = None
         if cfg.train.async_eval:
             from actors.evaluator import CheckpointEvaluator
@@ -242,24 +240,21 @@ class Run:
             ([c for c, _, _ in chunk], [a for _, a, _ in chunk], [n for _, _, n in chunk]), {}))
         for g in groups:
             g.results, results = results[:len(g.rollouts)], results[len(g.rollouts):]
-        general = [(g.example["prompt"], r, res) for g in groups if g.example["answer"] is None
+        general = [(g.example["prompt"], r.text, res) for g in groups if g.example["answer"] is None
                    for r, res in zip(g.rollouts, g.results)]
         if general:
             self.judge_rewards(general)
         return groups
 
     def judge_rewards(self, general: list[tuple]) -> None:
-        """All-scenario RL: a general prompt's completion (no verifiable answer) earns
-        judge.reward_weight x its AGSER score, added to its rule rewards as the "judge" component."""
-        v, w = self.cfg.judge.variant, self.cfg.judge.reward_weight
-        judged = self.judges.map_sharded("score", [(q, r.text) for q, r, _ in general], self._judge_call)
-        for (_, _, res), j in zip(general, judged):
+        """All-scenario RL: each (question, completion, RewardResult) of a general prompt (no
+        verifiable answer) earns judge.reward_weight x its AGSER score, added to its rule rewards
+        as the "judge" component (a failed rule score stays failed)."""
+        scores = self.judges.scores([(q, text) for q, text, _ in general])
+        for (_, _, res), score in zip(general, scores):
             if res.status == "ok":
-                res.components["judge"] = j[v]["score"]
-                res.reward += w * j[v]["score"]
-
-    def _judge_call(self, chunk, idx):
-        return ([q for q, _ in chunk], [t for _, t in chunk], (self.cfg.judge.variant,)), {}
+                res.components["judge"] = score
+                res.reward += self.cfg.judge.reward_weight * score
 
     def step_seed(self, step: int, rnd: int = 0) -> int:
         return (self.cfg.seed * 1_000_003 + step * 7919 + rnd * 104_729) % (2**31 - 1)
@@ -295,28 +290,10 @@ class Run:
 
     # ---------------------------------------------------------------- hooks: judge, evaluation
     def judge_hook(self, step: int, groups: list[Group]) -> dict:
-        """Launch AGSER on a share of this step's groups (one answer each); return the metrics of
-        the previous launch. The judges work while the next step runs (agser/of_step says which
-        step they describe); training never waits on them."""
-        metrics = self.collect_judging()
+        """AGSER on one answer of a share of this step's groups, judged while the next step runs
+        (agser/* metrics logged at step s describe step s - 1: agser/of_step)."""
         k = max(1, math.ceil(self.cfg.judge.share * len(groups)))
-        picked = [(g.example["prompt"], g.rollouts[0].text) for g in groups[:k] if g.rollouts]
-        self.judging = (step + 1, self.judges.launch("score", picked, self._judge_call))
-        return metrics
-
-    def collect_judging(self) -> dict:
-        """Wait for the judges' last launch (if any) and summarise it as agser/* metrics."""
-        if self.judging is None:
-            return {}
-        (of_step, pending), self.judging = self.judging, None
-        judged = self.judges.gather(pending)
-        v = self.cfg.judge.variant
-        scores = [j[v]["score"] for j in judged]
-        return {"agser/score_mean": sum(scores) / len(scores),
-                "agser/r_att_mean": sum(j[v]["r_att"] for j in judged) / len(judged),
-                "agser/r_non_att_mean": sum(j[v]["r_non_att"] for j in judged) / len(judged),
-                "agser/low_score_frac": sum(sc <= 0 for sc in scores) / len(scores),
-                "agser/judged": len(judged), "agser/of_step": of_step}
+        return self.judges.monitor(step, [(g.example["prompt"], g.rollouts[0].text) for g in groups[:k] if g.rollouts])
 
     def evaluate(self, examples: list[dict] | None = None) -> dict:
         """Held-out accuracy (pass@1: the mean over train.eval_k samples at train.eval_temperature;
@@ -427,7 +404,7 @@ class Run:
         while self.pending_evals:  # the asynchronous evaluations still running: log them too
             self.logger.log(self.finished_eval(wait=True), step=st.step)
         summary["end"] = self.evaluate()
-        self.logger.log({**summary["end"], **self.collect_judging()}, step=st.step)
+        self.logger.log({**summary["end"], **(self.judges.collect() if self.judges else {})}, step=st.step)
         summary.update(curves=str(self.logger.plot()), eval_k=cfg.train.eval_k,
                        eval_temperature=cfg.train.eval_temperature, samples=st.samples,
                        stale_dropped=st.stale_dropped)

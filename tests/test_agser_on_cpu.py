@@ -178,7 +178,7 @@ def test_judge_pool_runs_inside_training_and_logs_to_wandb(ray_session, tiny_mod
         q, text = "What is the capital of Zorvia?", "<think>hm</think><answer> 12 </answer>"
         expect = ray_session.get(run.judges.actors[0].score.remote([q], [text], ("attention",)))[0]
         results = [RewardResult(0.2, components={"format": 1.0}), RewardResult(None, status="timeout")]
-        run.judge_rewards([(0, q, text), (1, q, text)], results)
+        run.judge_rewards([(q, text, results[0]), (q, text, results[1])])
         assert results[0].components == {"format": 1.0, "judge": expect["attention"]["score"]}
         assert results[0].reward == pytest.approx(0.2 + 0.5 * expect["attention"]["score"])
         assert results[1].reward is None and "judge" not in results[1].components   # a failed score stays failed
