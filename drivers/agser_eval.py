@@ -1,15 +1,20 @@
 """`r1ray agser-eval` and the facts worlds (countries, books) that test it on the embedded default.
 
-agser-eval: rows {"question", "answers": [accepted strings]}; the label of a row is whether the
-model's greedy answer matches one of them (1 = correct, 0 = hallucinated). AGSER (both score
-variants), r_att alone and a SelfCheckGPT-style self-consistency baseline score every row; the
-AUC of each says how well it separates correct from hallucinated answers.
+agser-eval: rows {"question", "answers": [accepted strings], optional "relation", "subject", ...};
+the label of a row is whether the model's greedy answer is correct by `judge_answer` (1 = correct,
+0 = hallucinated): an accepted string in its first sentence, no other answer of the relation ahead
+(rules: data/facts/README.md). AGSER (both score variants), r_att alone and a SelfCheckGPT-style
+self-consistency baseline score every row; the AUC of each says how well it separates correct
+from hallucinated answers. Real facts sets for it: data/facts/.
 """
 from __future__ import annotations
 
+import functools
 import json
 import random
+import re
 import time
+import unicodedata
 from pathlib import Path
 
 # relation: (question phrasings (the first is asked in evaluation), possible values)
@@ -137,11 +142,156 @@ def load_agser_rows(path: str | Path) -> tuple[list[dict], list[tuple[int, str]]
 
 
 def matches(answer: str, accepted: list[str]) -> bool:
-    """Case- and whitespace-insensitive equality of the final answer with an accepted string."""
+    """Case- and whitespace-insensitive equality of the final answer with an accepted string.
+
+    The strict rule of the invented facts worlds; `judge_answer` is the one agser-eval labels with.
+    """
     from actors.agser import answer_text
 
     norm = " ".join(answer_text(answer).lower().split())
     return any(norm == " ".join(a.lower().split()) for a in accepted)
+
+
+# --- judging a free-form answer (data/facts/README.md, "Labels") ---------------------------------
+_DROPPED = "'\u2019\u2018\u02bb\u02bc`\u00b4"          # apostrophes: "pa'anga" == "paanga"
+_TRANSLIT = str.maketrans({"ł": "l", "Ł": "L", "đ": "d", "Đ": "D", "ø": "o", "Ø": "O", "æ": "ae", "Æ": "AE",
+                           "œ": "oe", "Œ": "OE", "ß": "ss", "ı": "i", "þ": "th", "Þ": "Th", "ð": "d", "Ð": "D",
+                           **{c: None for c in _DROPPED}})
+# Symbols and codes: one capital and up to two small letters ("Fe", "I"), or 2-4 capitals ("EUR").
+_SYMBOL = re.compile(r"[A-Z][a-z]{0,2}|[A-Z]{2,4}")
+# Symbols that are also English words or common abbreviations ("I", "In", "As", "No", "Mt."): they
+# count only as the whole answer, after "is"/":"/"="/"symbol", or quoted, bold or in parentheses.
+AMBIGUOUS_SYMBOLS = frozenset({"i", "in", "as", "at", "be", "he", "no", "am", "pm", "mt", "co", "re", "pa",
+                               "ho", "la", "er", "md", "al", "u"})
+_SENTENCE_END = re.compile(r"(?<=[.!?])(?<!\.\w\.)\s+|\n+")
+
+
+def fold_text(text: str) -> str:
+    """Accents stripped (NFKD without combining marks), ł đ ø æ œ ß ı þ ð spelt in ASCII, apostrophes
+    dropped; case and other punctuation kept."""
+    text = "".join(c for c in unicodedata.normalize("NFKD", text) if not unicodedata.combining(c))
+    return text.translate(_TRANSLIT)
+
+
+def normalize_text(text: str) -> str:
+    """fold_text, casefolded, punctuation to spaces (currency signs kept), spaces collapsed."""
+    text = fold_text(text).casefold()
+    return " ".join("".join(c if c.isalnum() or unicodedata.category(c) == "Sc" else " " for c in text).split())
+
+
+def answer_span(answer: str) -> str:
+    """The part of an answer that is judged: the <answer> span when there is one (else the completion
+    without think tags), cut to its first sentence that is not a question (an echoed question)."""
+    from actors.agser import answer_text
+
+    sentences = [s.strip() for s in _SENTENCE_END.split(answer_text(answer).strip()) if s.strip()]
+    return next((s for s in sentences if not s.endswith("?")), sentences[0] if sentences else "")
+
+
+@functools.lru_cache(maxsize=65536)
+def _alias_matcher(alias: str) -> tuple[str, re.Pattern | None, str]:
+    """(kind, pattern, needle) of an accepted string. Kinds: "sign" (€), "symbol" / "ambiguous"
+    (exact case, whole token: Fe, EUR, In) or "phrase" (case-insensitive words, any punctuation
+    between them, a plural "s"/"es" allowed on the last); ("none", None, "") for a string with
+    nothing to match. The needle is a substring of every match (casefolded for phrases): a pre-test."""
+    folded = fold_text(alias).strip()
+    words = re.findall(r"[^\W_]+", folded)
+    if not words:
+        signs = "".join(c for c in folded if not c.isspace())
+        return ("sign", re.compile(re.escape(signs)), signs) if signs else ("none", None, "")
+    if _SYMBOL.fullmatch(folded):
+        kind = "ambiguous" if folded.casefold() in AMBIGUOUS_SYMBOLS else "symbol"
+        return kind, re.compile(rf"(?<![^\W_]){re.escape(folded)}(?![^\W_])"), folded
+    plural = "(?:e?s)?" if words[-1][-1].isalpha() else ""
+    body = r"[\W_]+".join(re.escape(w) for w in words)
+    return ("phrase", re.compile(rf"(?<![^\W_]){body}{plural}(?![^\W_])", re.IGNORECASE),
+            max(words, key=len).casefold())
+
+
+_CONFIRMS_BEFORE = re.compile(r"(?:(?<![^\W_])(?:is|symbol)|[:=])\W*$", re.IGNORECASE)
+_CONFIRMS_AFTER = re.compile(r"\W*$|\s*[.,;:!?)\]\"*]")
+_WRAPPED = re.compile(r"[\"*(\[]\s*$")
+
+
+def _alias_spans(alias: str, span: str, lowered: str | None = None) -> list[tuple[int, int]]:
+    """Where an accepted string occurs in a folded answer span (`lowered`: its casefold), by the rules
+    of its kind."""
+    kind, pattern, needle = _alias_matcher(alias)
+    if pattern is None or needle not in (span if kind != "phrase" else lowered or span.casefold()):
+        return []
+    spans = []
+    for m in pattern.finditer(span):
+        if kind == "ambiguous":
+            before, after = span[:m.start()], span[m.end():]
+            alone = not re.search(r"[^\W_]", before + after)            # the whole answer is the token
+            stated = _CONFIRMS_BEFORE.search(before) and _CONFIRMS_AFTER.match(after)
+            wrapped = _WRAPPED.search(before) and re.match(r"\s*[\"*)\]]", after)
+            if not (alone or stated or wrapped):
+                continue
+        spans.append((m.start(), m.end()))
+    return spans
+
+
+def judge_answer(answer: str, accepted: list[str], others: list[str] | tuple = (), subject: str | None = None) -> bool:
+    """Is a free-form answer correct? True when an accepted string occurs in the judged span
+    (`answer_span`) and no other answer of the relation (`others`, e.g. `distractors(rows)[i]`) is
+    mentioned ahead of it. Rules, in data/facts/README.md: accents, case and punctuation do not
+    count, except that symbols and codes (Fe, EUR) match in their exact case as whole tokens and
+    symbols that are English words (I, In, As, No) only when plainly stated; where two matches
+    overlap the longer wins ("US dollar" over "dollar", "Northern Sotho" over "Sotho"); a match
+    inside a mention of the question's `subject` (Tonga the language in "the language of Tonga")
+    does not count. A span that is exactly an accepted name (not a symbol) is always correct.
+    """
+    span = fold_text(answer_span(answer))
+    whole = normalize_text(span)
+    if any(_alias_matcher(a)[0] == "phrase" and whole == normalize_text(a) for a in accepted):
+        return True
+    lowered = span.casefold()
+    hits = [(s, e, True) for a in accepted for s, e in _alias_spans(a, span, lowered)]
+    if not hits:
+        return False
+    hits += [(s, e, False) for a in others for s, e in _alias_spans(a, span, lowered)]
+    if subject:
+        masked = _alias_spans(subject, span)
+        hits = [h for h in hits if not any(ms <= h[0] and h[1] <= me for ms, me in masked)]
+    kept = [h for h in hits if not any(o[0] <= h[0] and h[1] <= o[1] and o[1] - o[0] > h[1] - h[0] for o in hits)]
+    if not kept:
+        return False
+    first = min(kept, key=lambda h: (h[0], not h[2]))   # the earliest; on a tie an accepted one
+    return first[2]
+
+
+def distractors(rows: list[dict]) -> list[list[str]]:
+    """For each row, the accepted strings of the other rows of its relation (the rows' "relation";
+    rows without one form one group), less those that normalise like one of the row's own."""
+    by_relation: dict = {}
+    for row in rows:
+        for a in row["answers"]:
+            by_relation.setdefault(row.get("relation"), {}).setdefault(normalize_text(a), a)
+    out = []
+    for row in rows:
+        own = {normalize_text(a) for a in row["answers"]}
+        out.append([a for norm, a in by_relation[row.get("relation")].items() if norm not in own])
+    return out
+
+
+def judge_rows(answers: list[str], rows: list[dict]) -> list[int]:
+    """1/0 labels of answers to rows by judge_answer, with each row's distractors and subject."""
+    others = distractors(rows)
+    return [int(judge_answer(a, r["answers"], o, r.get("subject"))) for a, r, o in zip(answers, rows, others)]
+
+
+def relation_breakdown(rows: list[dict], labels: list[int]) -> dict[str, dict]:
+    """Per relation (rows without one under "none"): rows, correct, hallucinated and accuracy."""
+    out: dict[str, dict] = {}
+    for row, y in zip(rows, labels):
+        d = out.setdefault(str(row.get("relation") or "none"), {"rows": 0, "correct": 0})
+        d["rows"] += 1
+        d["correct"] += int(y)
+    for d in out.values():
+        d["hallucinated"] = d["rows"] - d["correct"]
+        d["accuracy"] = d["correct"] / d["rows"]
+    return dict(sorted(out.items()))
 
 
 def run_agser_eval(model: str, data: str, *, n_samples: int = 20, max_tokens: int = 40,
@@ -175,9 +325,11 @@ def run_agser_eval(model: str, data: str, *, n_samples: int = 20, max_tokens: in
         base_calls, base_s = ray.get(judge.reset_calls.remote()), time.perf_counter() - t1
     finally:
         judges.kill()
-    labels = [int(matches(a["answer"], r["answers"])) for a, r in zip(agser, rows)]
+    labels = judge_rows([a["answer"] for a in agser], rows)
     n = len(rows)
     out = {"rows": n, "skipped": len(skipped), "correct": sum(labels), "hallucinated": n - sum(labels)}
+    if any(r.get("relation") for r in rows):
+        out["by_relation"] = relation_breakdown(rows, labels)
     for group in (True, False):  # the facts world marks rows of trained ("known") entities
         ys = [y for y, r in zip(labels, rows) if r.get("known") is group]
         if ys:
