@@ -309,7 +309,8 @@ class Learner:
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + v / len(splits)
         self.steps += 1
-        return {**sums, **totals, "step_seconds": time.perf_counter() - t0,
+        return {**sums, **totals, "lr": self.engine.optimizer.param_groups[0]["lr"],
+                "step_seconds": time.perf_counter() - t0,
                 "learner_step": float(self.steps)}
 
     def _dummy_loss(self, share: bool) -> torch.Tensor:
@@ -518,7 +519,10 @@ class Learner:
             raise RuntimeError(f"checkpoint {directory}/{tag} could not be loaded")
         self.steps = int(client.get("steps", 0))
         self.phase_steps = int(client.get("phase_steps", 0))
-        self.base_lr = float(client.get("base_lr", self.base_lr))
+        saved_lr = float(client.get("base_lr", self.base_lr))
+        if saved_lr != self.base_lr and self.rank == 0:   # the config's lr wins (a resume may change it)
+            print(f"resume: learning rate {self.base_lr:g} from the config (the checkpoint's was {saved_lr:g})",
+                  flush=True)
         return client
 
 

@@ -231,8 +231,9 @@ def score_one(completion: str, reference: str, length: int | None = None, *,
 
 
 # ----------------------------------------------------------------------------- the pool
-READY = "ready"        # a child's first message: it started (imports done) and takes items
+READY = "ready"        # a child's first message, (READY, its clock): it started (imports done) and takes items
 STARTUP_DEATHS = 3     # children dying before READY, in a row, before the pool gives up
+STARTUP_S = 60.0       # a child's start-up (imports) may take this long; an item's deadline starts at READY
 
 
 class VerifierStartupError(RuntimeError):
@@ -241,7 +242,7 @@ class VerifierStartupError(RuntimeError):
 
 def _child_loop(conn) -> None:
     logging.getLogger("math_verify").setLevel(logging.ERROR)
-    conn.send(READY)
+    conn.send((READY, time.monotonic()))    # CLOCK_MONOTONIC: the parent's clock too
     while True:
         try:
             msg = conn.recv()
@@ -309,7 +310,9 @@ class VerifierPool:
     """`num_procs` child processes scoring items with a per-item deadline of `timeout_s`.
 
     An item still running at its deadline gets status "timeout"; its process (ours, by PID)
-    is killed and a fresh one takes its place, so the rest of the batch never waits on it.
+    is killed and a fresh one takes its place, so the rest of the batch never waits on it. An
+    item's deadline starts when its process is ready (imports done, up to STARTUP_S), so a slow
+    start on a loaded machine does not time items out.
     A child that dies on an item is replaced and the item sent once more (to the fresh
     process); a second death is status "error". STARTUP_DEATHS children in a row that die
     before they start taking items raise VerifierStartupError naming the likely cause.
@@ -385,10 +388,10 @@ class VerifierPool:
                 if slot not in running and pending:
                     item = pending.pop()
                     self._send(slot, items[item])
-                    running[slot] = (item, time.perf_counter())
-            next_deadline = min(t0 for _, t0 in running.values()) + self.timeout_s
+                    running[slot] = (item, time.monotonic())
+            next_deadline = min(t0 + self._limit(s) for s, (_, t0) in running.items())
             ready = wait([self._procs[s][1] for s in running],
-                         timeout=max(0.0, next_deadline - time.perf_counter()))
+                         timeout=max(0.0, next_deadline - time.monotonic()))
             for slot in list(running):
                 item, t0 = running[slot]
                 conn = self._procs[slot][1]
@@ -399,18 +402,26 @@ class VerifierPool:
                         del running[slot]
                         self._died(slot, item, err, t0, results, pending, retried)
                         continue
-                    if msg == READY:
+                    if isinstance(msg, tuple) and msg[0] == READY:
+                        # the item's deadline starts when the child was ready (its own clock: a
+                        # parent slow to read the message gives it no extra time), not at the send
                         self._ready[slot], self._startup_exits = True, []
+                        running[slot] = (item, max(t0, msg[1]))
                         continue
                     results[item] = msg
                     del running[slot]
-                elif time.perf_counter() - t0 >= self.timeout_s:
-                    results[item] = RewardResult(None, status="timeout", seconds=time.perf_counter() - t0,
-                                                 error=f"no result within {self.timeout_s} s")
+                elif time.monotonic() - t0 >= self._limit(slot):
+                    error = (f"no result within {self.timeout_s} s" if self._ready[slot] else
+                             f"the verifier process did not start within {STARTUP_S:g} s")
+                    results[item] = RewardResult(None, status="timeout", seconds=time.monotonic() - t0,
+                                                 error=error)
                     self._kill(slot)
                     self.restarts += 1
                     del running[slot]
         return results  # type: ignore[return-value]
+
+    def _limit(self, slot: int) -> float:
+        return self.timeout_s if self._ready[slot] else max(self.timeout_s, STARTUP_S)
 
     def _died(self, slot, item, err, t0, results, pending, retried) -> None:
         """A child died with `item` in hand: retry the item once (not counting deaths at start-up)."""
@@ -428,7 +439,7 @@ class VerifierPool:
             retried.add(item)
             pending.append(item)
         else:
-            results[item] = RewardResult(None, status="error", seconds=time.perf_counter() - t0,
+            results[item] = RewardResult(None, status="error", seconds=time.monotonic() - t0,
                                          error=f"verifier died twice on this item (exit code {code}): {err!r}")
 
     def close(self) -> None:

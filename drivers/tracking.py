@@ -8,7 +8,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -79,6 +81,95 @@ class RunLogger:
         if self.wandb is not None:
             self.wandb.finish()
             self.wandb = None
+
+
+class Timeline:
+    """Which actor did what, when: spans (actor, phase, start, end) in wall-clock seconds, kept in
+    run_dir/timeline.jsonl per step; each step's idle fraction per actor; a Gantt chart of the
+    last steps (timeline.png beside curves.png).
+
+    Spans are timed by the driver around its calls, so a span is the longest the actors could
+    have worked on the call; a launched generation is an open span until it is gathered (in
+    async mode it runs across steps, and counts as busy in every step it overlaps).
+    """
+
+    ACTORS = ("rollout", "reward", "learner")
+
+    def __init__(self, run_dir: str | Path):
+        self.path = Path(run_dir) / "timeline.jsonl"
+        self.spans: list[tuple[str, str, float, float]] = []   # closed, not yet written
+        self.open: dict[int, tuple[str, str, float]] = {}       # id -> (actor, phase, start)
+
+    @contextmanager
+    def span(self, actor: str, phase: str):
+        start = time.time()
+        try:
+            yield
+        finally:
+            self.spans.append((actor, phase, start, time.time()))
+
+    def begin(self, key: int, actor: str, phase: str) -> None:
+        """A span that ends later (end(key)): e.g. a generation launched now, gathered next step."""
+        self.open[key] = (actor, phase, time.time())
+
+    def end(self, key: int) -> None:
+        if key in self.open:
+            actor, phase, start = self.open.pop(key)
+            self.spans.append((actor, phase, start, time.time()))
+
+    def close_step(self, step: int, start: float, end: float) -> dict:
+        """Write the step's spans (open ones up to `end`, kept open); returns perf/idle_frac_* of
+        every actor over [start, end] (1 - the merged busy time / the step's wall time)."""
+        spans = self.spans + [(a, ph, s, end) for a, ph, s in self.open.values()]
+        with open(self.path, "a") as f:
+            for actor, phase, s, e in spans:
+                f.write(json.dumps({"step": step, "actor": actor, "phase": phase, "start": s, "end": e}) + "\n")
+        self.spans = []
+        wall = max(end - start, 1e-9)
+        return {f"perf/idle_frac_{a}": 1.0 - busy_seconds([(s, e) for b, _, s, e in spans if b == a], start, end) / wall
+                for a in self.ACTORS}
+
+    def plot(self, path: str | Path, last: int = 6) -> Path | None:
+        """Gantt chart of the last `last` steps: one row per actor, one colour per phase."""
+        if not self.path.exists():
+            return None
+        rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        steps = sorted({r["step"] for r in rows})[-last:]
+        rows = [r for r in rows if r["step"] in steps]
+        if not rows:
+            return None
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        t0 = min(r["start"] for r in rows)
+        actors = sorted({r["actor"] for r in rows}, key=lambda a: (a not in self.ACTORS, a))
+        phases = sorted({r["phase"] for r in rows})
+        colours = dict(zip(phases, plt.get_cmap("tab10").colors))
+        fig, ax = plt.subplots(figsize=(11, 0.6 * len(actors) + 1.4))
+        for r in rows:
+            ax.barh(actors.index(r["actor"]), r["end"] - r["start"], left=r["start"] - t0, height=0.6,
+                    color=colours[r["phase"]], edgecolor="none")
+        ax.set_yticks(range(len(actors)), actors)
+        ax.invert_yaxis()
+        ax.set_xlabel(f"seconds (steps {steps[0]}-{steps[-1]})")
+        ax.legend(handles=[plt.Rectangle((0, 0), 1, 1, color=colours[p]) for p in phases], labels=phases,
+                  ncol=len(phases), loc="upper center", bbox_to_anchor=(0.5, -0.35), frameon=False)
+        fig.tight_layout()
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        return Path(path)
+
+
+def busy_seconds(intervals: list[tuple[float, float]], start: float, end: float) -> float:
+    """Length of the union of the intervals, clipped to [start, end]."""
+    total, reach = 0.0, start
+    for s, e in sorted((max(s, start), min(e, end)) for s, e in intervals):
+        if e > reach and e > s:     # (a span outside the window is empty once clipped)
+            total += e - max(s, reach)
+            reach = e
+    return total
 
 
 def read_offline_history(wandb_file: str | Path) -> list[dict]:

@@ -88,7 +88,7 @@ class Run:
         from actors.prompts import prompt_ids
         from drivers.models import ensure_model
         from drivers.ray_utils import init_ray
-        from drivers.tracking import RunLogger
+        from drivers.tracking import RunLogger, Timeline
 
         self.cfg = cfg
         self.run_dir = Path(cfg.run.output_dir)
@@ -113,6 +113,7 @@ class Run:
 
         self.ray = ray
         self.pending_evals: list = []
+        self.timeline = Timeline(self.run_dir)
         self._start_actors()
         if resume:
             self.learner.get(self.learner.call("load_checkpoint", str(self.ckpt_dir), self.state.tag))
@@ -185,8 +186,14 @@ class Run:
         """Learner state + HF export + driver state (step, version, counters); see save_checkpoint."""
         tag = f"step{self.state.step}"
         self.state.tag = tag
-        save_checkpoint(self.learner, self.ckpt_dir, tag, self.state.to_dict(), keep=self.cfg.run.keep_checkpoints)
-        self.logger.plot()
+        with self.timeline.span("learner", "checkpoint"):
+            save_checkpoint(self.learner, self.ckpt_dir, tag, self.state.to_dict(), keep=self.cfg.run.keep_checkpoints)
+        self.plot()
+
+    def plot(self) -> Path | None:
+        """curves.png (reward, accuracy, length) and timeline.png (who did what, when); returns the first."""
+        self.timeline.plot(self.run_dir / "timeline.png")
+        return self.logger.plot()
 
     # ---------------------------------------------------------------- weights
     def _ready(self, actor) -> None:
@@ -207,37 +214,43 @@ class Run:
         within train.sync_timeout_s raises TimeoutError instead of hanging. Returns seconds.
         """
         t0 = time.perf_counter()
-        handles = self.learner.get(self.learner.call("export_weights"))[0]
+        with self.timeline.span("learner", "export"):
+            handles = self.learner.get(self.learner.call("export_weights"))[0]
         pools = [self.rollout] + ([self.judges] if self.judges and not self.cfg.judge.model_path else [])
+        limit = self.cfg.train.sync_timeout_s
         for pool in pools:
-            pool.broadcast("update_weights", handles, version, timeout_s=self.cfg.train.sync_timeout_s
-                           - (time.perf_counter() - t0),
-                           what=f"weight sync (version {version}) to the {pool.name} pool "
-                                f"(train.sync_timeout_s={self.cfg.train.sync_timeout_s})")
+            with self.timeline.span(pool.name, "update"):
+                pool.broadcast("update_weights", handles, version, timeout_s=limit - (time.perf_counter() - t0),
+                               what=f"weight sync (version {version}) to the {pool.name} pool "
+                                    f"(train.sync_timeout_s={limit})")
         self.state.version = version
         return time.perf_counter() - t0
 
     # ---------------------------------------------------------------- rollouts and rewards
-    def launch_rollouts(self, examples: list[dict], seed: int, uids: list[int] | None = None, **sampling):
+    def launch_rollouts(self, examples: list[dict], seed: int, uids: list[int] | None = None,
+                        phase: str = "generate", **sampling):
         """Generation of `examples` on the rollout pool; prompt j samples with seed + j, whichever
         worker gets it. gather_groups() collects it."""
         n = sampling.pop("n", self.cfg.rollout.group_size)
         pending = self.rollout.launch("generate_groups", examples, lambda chunk, idx: ((), dict(
             prompts=[e["prompt"] for e in chunk], n=n, seeds=[seed + j for j in idx], **sampling)))
         pending.uids = uids or list(range(len(examples)))
+        self.timeline.begin(id(pending), "rollout", phase)
         return pending
 
     def gather_groups(self, pending) -> list[Group]:
         """The launched examples as Groups, in launch order (a dead worker's share is redone)."""
         rollouts = self.rollout.gather(pending)
+        self.timeline.end(id(pending))
         return [Group(uid, ex, rs) for uid, ex, rs in zip(pending.uids, pending.items, rollouts)]
 
     def score(self, groups: list[Group]) -> list[Group]:
         """Fill every group's results: rule rewards on the reward pool, plus (all-scenario RL) the
         judge's score of general prompts' answers."""
         flat = [(r.text, g.example["answer"], len(r.completion_ids)) for g in groups for r in g.rollouts]
-        results = self.rewards.map_sharded("score", flat, lambda chunk, idx: (
-            ([c for c, _, _ in chunk], [a for _, a, _ in chunk], [n for _, _, n in chunk]), {}))
+        with self.timeline.span("reward", "score"):
+            results = self.rewards.map_sharded("score", flat, lambda chunk, idx: (
+                ([c for c, _, _ in chunk], [a for _, a, _ in chunk], [n for _, _, n in chunk]), {}))
         for g in groups:
             g.results, results = results[:len(g.rollouts)], results[len(g.rollouts):]
         general = [(g.example["prompt"], r.text, res) for g in groups if g.example["answer"] is None
@@ -286,7 +299,8 @@ class Run:
     def train_on(self, batch: Batch) -> dict:
         """One update of the learner ranks, the batch split between them by tokens."""
         shards = batch.shard(len(self.learner.actors))
-        return self.learner.get(self.learner.call_each("train_step", [(s.as_dict(),) for s in shards]))[0]
+        with self.timeline.span("learner", "learn"):
+            return self.learner.get(self.learner.call_each("train_step", [(s.as_dict(),) for s in shards]))[0]
 
     # ---------------------------------------------------------------- hooks: judge, evaluation
     def judge_hook(self, step: int, groups: list[Group]) -> dict:
@@ -302,7 +316,7 @@ class Run:
 
         examples = examples or self.heldout
         t = self.cfg.train
-        groups = self.score(self.gather_groups(self.launch_rollouts(examples, seed=0, n=t.eval_k,
+        groups = self.score(self.gather_groups(self.launch_rollouts(examples, seed=0, n=t.eval_k, phase="evaluate",
                                                                      temperature=t.eval_temperature)))
         return eval_metrics([r for g in groups for r in g.rollouts], [x for g in groups for x in g.results],
                             len(examples))
@@ -394,7 +408,9 @@ class Run:
             st.step = step + 1
             metrics.update(self._rollout_metrics(groups, time.perf_counter() - t0, gen_s))
             metrics.update(self.eval_hook(st.step))
-            metrics.update({"perf/step_started": t_wall, "perf/step_finished": time.time()})
+            t_end = time.time()
+            metrics.update({"perf/step_started": t_wall, "perf/step_finished": t_end,
+                            **self.timeline.close_step(st.step, t_wall, t_end)})
             self.logger.log(metrics, step=st.step)
             bar.set_postfix(reward=f"{metrics.get('reward/mean', float('nan')):.3f}",
                             acc=f"{metrics.get('reward/accuracy', float('nan')):.2f}")
@@ -405,7 +421,7 @@ class Run:
             self.logger.log(self.finished_eval(wait=True), step=st.step)
         summary["end"] = self.evaluate()
         self.logger.log({**summary["end"], **(self.judges.collect() if self.judges else {})}, step=st.step)
-        summary.update(curves=str(self.logger.plot()), eval_k=cfg.train.eval_k,
+        summary.update(curves=str(self.plot()), eval_k=cfg.train.eval_k,
                        eval_temperature=cfg.train.eval_temperature, samples=st.samples,
                        stale_dropped=st.stale_dropped)
         return summary

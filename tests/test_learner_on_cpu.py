@@ -234,3 +234,22 @@ def test_reference_model_and_learner_side_old_logp(ray_session, tiny_model_path,
     assert m["train/mismatch_abs_max"] == pytest.approx(float(diffs.abs().max()), abs=1e-5)
     assert m["train/correction_masked_frac"] == pytest.approx(float((diffs.exp() > 2.0).float().mean()), abs=1e-6)
     assert m["train/mismatch_abs_mean"] > 0.1          # the test batch adds noise of std .3 to the engine logprobs
+
+
+def test_a_resume_takes_the_configs_learning_rate(ray_session, tiny_model_path, tmp_path):
+    """The checkpoint records the lr it was trained at, but a resumed run uses its config's
+    (a user who lowers learner.lr for the rest of a run gets what they asked for)."""
+    batch = make_batch(tiny_model_path, seed=5)
+    first = learner_group(tiny_model_path, 1, 2, lr=1e-3)
+    try:
+        assert first.get(first.call("train_step", batch))[0]["lr"] == pytest.approx(1e-3)
+        first.get(first.call("save_checkpoint", str(tmp_path / "ckpt"), "step1"))
+    finally:
+        first.kill()
+    resumed = learner_group(tiny_model_path, 1, 2, lr=2e-4)
+    try:
+        resumed.get(resumed.call("load_checkpoint", str(tmp_path / "ckpt"), "step1"))
+        assert resumed.get(resumed.call("train_step", batch))[0]["lr"] == pytest.approx(2e-4)
+    finally:
+        resumed.kill()
+

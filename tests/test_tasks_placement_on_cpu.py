@@ -115,3 +115,13 @@ def test_the_run_table_says_how_held_out_accuracy_was_measured():
     assert sampled[0].startswith("held-out (pass@1, k 4, T 0.6)")
     assert sampled[1].split() == ["accuracy", "0.500", "0.625"]
     assert len({len(line) for line in sampled}) == 1           # the columns line up
+
+
+def test_busy_seconds_merges_overlapping_spans_within_the_step():
+    from drivers.tracking import busy_seconds
+
+    # by hand: clipped to [0, 5.5] the spans are [0, .5], [0, 2], [1, 3], [5, 5.5]; union 3 + 0.5
+    assert busy_seconds([(0, 2), (1, 3), (5, 6), (-1, 0.5)], 0, 5.5) == 3.5
+    assert busy_seconds([], 0, 10) == 0.0 and busy_seconds([(20, 30)], 0, 10) == 0.0
+    assert busy_seconds([(2, 4), (2, 4), (3, 3.5)], 0, 10) == 2.0
+

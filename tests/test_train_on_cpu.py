@@ -63,10 +63,17 @@ def test_run_logs_every_metric_on_one_step_counter(uninterrupted):
     needed = {"reward/mean", "reward/accuracy", "reward/format", "reward/ok", "reward/timeout",
               "rollout/length_mean", "train/clip_frac_low", "train/clip_frac_high", "train/kl",
               "train/entropy", "async/staleness_mean", "perf/samples_per_s", "sync/seconds",
-              "train/policy_loss", "train/grad_norm"}
+              "train/policy_loss", "train/grad_norm", "train/lr", "train/mismatch_abs_mean",
+              "train/mismatch_abs_max", "train/groups", "train/prompt_digest", "pool/rollout_workers",
+              "perf/idle_frac_rollout", "perf/idle_frac_reward", "perf/idle_frac_learner"}
     assert needed <= set(train_rows[0]), needed - set(train_rows[0])
     assert "eval/accuracy" in rows[0] and "eval/accuracy" in rows[-1]
-    assert (run_dir / "curves.png").stat().st_size > 1000
+    assert (run_dir / "curves.png").stat().st_size > 1000 and (run_dir / "timeline.png").stat().st_size > 1000
+    for r in train_rows:    # sync mode: each actor waits while the others work
+        assert all(0.0 < r[f"perf/idle_frac_{a}"] < 1.0 for a in ("rollout", "reward", "learner")), r
+    spans = [json.loads(line) for line in (run_dir / "timeline.jsonl").read_text().splitlines()]
+    assert {(s["actor"], s["phase"]) for s in spans if s["step"] == 2} >= {
+        ("rollout", "generate"), ("reward", "score"), ("learner", "learn"), ("learner", "export"), ("rollout", "update")}
     assert (run_dir / "checkpoints" / "state.json").exists()
     assert json.loads((run_dir / "checkpoints" / "state.json").read_text())["step"] == 4
     # checkpoints at steps 2 and 4, keep_checkpoints=1: step 2 is gone, hf is step 4's export
