@@ -3,20 +3,21 @@
     pool = Pool("reward", group, state)                    # group: an ActorGroup
     results = pool.map_sharded("score", items, call)      # = pool.gather(pool.launch(...))
 
-`launch` deals items round-robin to the pool's live actors; `call(chunk, indices)` turns an
-actor's share into the method's (args, kwargs), and the method returns one result per item.
-`gather` returns the results in item order. The recovery path, the only one: when an actor is
-found dead, its slot is refilled (a fresh actor in the same place, `prepare`d: engine up and
-loaded with the current policy) and its share is redone with the same arguments — so with the
-same weights and per-item seeds the redone share is the same as the lost one, and no item is
-lost or counted twice. An elastic slot is dropped instead (its node may be gone), and its share
-is redone on the others.
+`launch` deals items round-robin to the pool's slots; `call(chunk, indices)` turns an actor's
+share into the method's (args, kwargs), and the method returns one result per item. `gather`
+returns the results in item order. The recovery path, the only one: when an actor is found dead
+(or its result was lost with its node), its slot is refilled (a fresh actor in the same place,
+`prepare`d: engine up and loaded with the current policy version) and its share is redone with
+the same arguments; no item is lost or counted twice. With per-item seeds and the same weights
+the redone share is the lost one; in async mode the refilled worker holds the current version,
+which its rollouts carry (staleness is accounted per sample). An elastic slot is dropped instead
+(its node may be gone), and its share is redone on the others.
 
 RolloutPool adds elasticity (rollout.max_workers > rollout.num_workers): it keeps one
 placement-group request for another worker pending; when the cluster has room (resources
 appeared, or the autoscaler added a node for that very request) the worker starts, is loaded
-with the current policy version, and joins at the next step. Workers on a drained or dead node
-leave the pool.
+with the current policy version, and joins at the next step. Workers whose node died (Ray marks
+it not alive) or that died themselves leave the pool.
 """
 from __future__ import annotations
 
@@ -47,15 +48,16 @@ class RunState:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
-@dataclass
+@dataclass(eq=False)       # slots are compared by identity
 class Slot:
     """One place of a pool: its actor, how to make a fresh one there, and where it runs."""
 
     actor: Any
     make: Callable[[], Any]
     node_id: str = ""
-    elastic: bool = False         # joined while running; leaves when its node goes
+    elastic: bool = False         # joined while running; leaves when it or its node dies
     pg: Any = None                # its own placement group (elastic slots)
+    joined_version: int = -1      # elastic: the policy version it held when it joined
 
 
 @dataclass
@@ -77,6 +79,7 @@ class Pending:
     items: list
     call: Callable
     shares: list[_Share] = field(default_factory=list)
+    uids: list = field(default_factory=list)   # the caller's ids of the items (e.g. group ids)
 
 
 def slots_of(group) -> list[Slot]:
@@ -88,6 +91,13 @@ def alive_nodes() -> set[str]:
     import ray
 
     return {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+
+
+def _lost():
+    """What a get raises when the actor died or its result died with its node."""
+    import ray
+
+    return ray.exceptions.RayActorError, ray.exceptions.ObjectLostError
 
 
 class Pool:
@@ -107,7 +117,7 @@ class Pool:
     # ------------------------------------------------------------------ map
     def launch(self, method: str, items: list, call: Callable[[list, list[int]], tuple[tuple, dict]],
                indices: list[int] | None = None) -> Pending:
-        """Send `items` (or only items[indices]) to the live actors, round-robin."""
+        """Send `items` (or only items[indices]) to the pool's actors, round-robin."""
         indices = list(range(len(items))) if indices is None else indices
         pending = Pending(method, len(items), items, call)
         k = len(self.slots)
@@ -122,14 +132,12 @@ class Pool:
 
     def gather(self, pending: Pending, timeout_s: float | None = None, what: str = "") -> list:
         """Results in item order; dead actors are refilled and their shares redone (see module doc)."""
-        import ray
-
         t0 = time.perf_counter()
         out: list = [None] * pending.n_items
         for share in pending.shares:
             try:
                 got = self._get(share.ref, t0, timeout_s, what)
-            except ray.exceptions.RayActorError:
+            except _lost():
                 got = self._redo(pending, share, t0, timeout_s, what)
             for j, r in zip(share.indices, got):
                 out[j] = r
@@ -148,14 +156,12 @@ class Pool:
         return self._gather_each(pending, timeout_s, what)
 
     def _gather_each(self, pending: Pending, timeout_s, what) -> list:
-        import ray
-
         t0 = time.perf_counter()
         out = []
         for share in pending.shares:
             try:
                 out.append(self._get(share.ref, t0, timeout_s, what))
-            except ray.exceptions.RayActorError:
+            except _lost():
                 actor = self.refill(share.slot, share.actor)
                 if actor is not None:
                     out.append(self._get(getattr(actor, pending.method).remote(*share.args, **share.kwargs),
@@ -182,7 +188,6 @@ class Pool:
         if actor is not None:
             return self._get(getattr(actor, pending.method).remote(*share.args, **share.kwargs), t0, timeout_s, what)
         again = self.launch(pending.method, pending.items, pending.call, indices=share.indices)
-        again.n_items = pending.n_items
         redone = self.gather(again, timeout_s, what)
         return [redone[j] for j in share.indices]
 
@@ -231,6 +236,9 @@ class Pool:
         remove_placement_group(self.group.pg)
 
 
+START_TIMEOUT_S = 600.0   # an elastic worker not up by then is dropped (and another asked for)
+
+
 class JudgePool(Pool):
     """AGSER judges (actors/agser.py) from the config's judge section: they score general
     prompts' answers for the reward (all-scenario RL; blocking) and monitor a share of each
@@ -260,6 +268,8 @@ class JudgePool(Pool):
         (of_step, pending), self._monitor = self._monitor, None
         judged = [j[self.cfg.variant] for j in self.gather(pending)]
         n = len(judged)
+        if not n:
+            return {"agser/judged": 0, "agser/of_step": of_step}
         return {"agser/score_mean": sum(j["score"] for j in judged) / n,
                 "agser/r_att_mean": sum(j["r_att"] for j in judged) / n,
                 "agser/r_non_att_mean": sum(j["r_non_att"] for j in judged) / n,
@@ -275,7 +285,7 @@ class RolloutPool(Pool):
         super().__init__("rollout", group, state, prepare=prepare, counts_prompts=True)
         self.max_workers, self.new_worker = max_workers, new_worker
         self._asked = None                      # a placement group waiting for room
-        self._starting: list[tuple] = []        # (pg, actor, info ref) of workers starting up
+        self._starting: list[tuple] = []        # (pg, actor, info ref, start time) of workers starting up
         infos = group.get([a.info.remote() for a in group.actors])
         for slot, info in zip(self.slots, infos):
             slot.node_id = info.get("node_id", "")
@@ -290,26 +300,34 @@ class RolloutPool(Pool):
         alive = alive_nodes()
         for slot in [s for s in self.slots if s.elastic and s.node_id not in alive]:
             self.drop(slot)
-        for pg, actor, info in list(self._starting):
+        for pg, actor, info, since in list(self._starting):
             ready, _ = ray.wait([info], timeout=0)
-            if not ready:
+            if not ready and time.time() - since < START_TIMEOUT_S:
                 continue
-            self._starting.remove((pg, actor, info))
+            self._starting.remove((pg, actor, info, since))
             try:
+                if not ready:
+                    raise TimeoutError(f"not up after {START_TIMEOUT_S:g} s")
                 node = ray.get(info)["node_id"]
                 self.prepare(actor)
-            except ray.exceptions.RayActorError:     # died while starting (its node went)
+                version = ray.get(actor.info.remote())["policy_version"]
+            except Exception as err:  # noqa: BLE001 - died starting (its node went), or failed to load
+                print(f"rollout: a starting worker failed ({type(err).__name__}: {str(err)[:200]}); "
+                      "it is dropped and another is asked for", flush=True)
+                ray.kill(actor)
                 ray.util.remove_placement_group(pg)
                 continue
-            self.slots.append(Slot(actor=actor, make=lambda: None, node_id=node, elastic=True, pg=pg))
-            print(f"rollout: a worker joined on node {node[:8]} ({len(self.slots)} now)", flush=True)
+            self.slots.append(Slot(actor=actor, make=lambda: None, node_id=node, elastic=True, pg=pg,
+                                   joined_version=version))
+            print(f"rollout: a worker joined on node {node[:8]} holding policy version {version} "
+                  f"({len(self.slots)} now)", flush=True)
         if len(self.slots) + len(self._starting) < self.max_workers:
             if self._asked is None:
                 self._asked = placement_group([dict(self.group.bundle)])
             ready, _ = ray.wait([self._asked.ready()], timeout=0)
             if ready:
                 actor = self.new_worker(self._asked)
-                self._starting.append((self._asked, actor, actor.info.remote()))
+                self._starting.append((self._asked, actor, actor.info.remote(), time.time()))
                 self._asked = None
         return {"pool/rollout_workers": len(self.slots), "pool/rollout_starting": len(self._starting)}
 
@@ -317,7 +335,7 @@ class RolloutPool(Pool):
         import ray
         from ray.util.placement_group import remove_placement_group
 
-        for pg, actor, _ in self._starting:
+        for pg, actor, _, _ in self._starting:
             ray.kill(actor)
             remove_placement_group(pg)
         if self._asked is not None:

@@ -121,13 +121,20 @@ class Timeline:
         """Write the step's spans (open ones up to `end`, kept open); returns perf/idle_frac_* of
         every actor over [start, end] (1 - the merged busy time / the step's wall time)."""
         spans = self.spans + [(a, ph, s, end) for a, ph, s in self.open.values()]
+        self._write(step, spans)
+        wall = max(end - start, 1e-9)
+        return {f"perf/idle_frac_{a}": 1.0 - busy_seconds([(s, e) for b, _, s, e in spans if b == a], start, end) / wall
+                for a in self.ACTORS}
+
+    def flush(self, step: int) -> None:
+        """Write the spans closed since the last step (e.g. the final evaluation) under `step`."""
+        self._write(step, self.spans)
+
+    def _write(self, step: int, spans: list) -> None:
         with open(self.path, "a") as f:
             for actor, phase, s, e in spans:
                 f.write(json.dumps({"step": step, "actor": actor, "phase": phase, "start": s, "end": e}) + "\n")
         self.spans = []
-        wall = max(end - start, 1e-9)
-        return {f"perf/idle_frac_{a}": 1.0 - busy_seconds([(s, e) for b, _, s, e in spans if b == a], start, end) / wall
-                for a in self.ACTORS}
 
     def plot(self, path: str | Path, last: int = 6) -> Path | None:
         """Gantt chart of the last `last` steps: one row per actor, one colour per phase."""

@@ -196,10 +196,15 @@ class Run:
         return self.logger.plot()
 
     # ---------------------------------------------------------------- weights
-    def _ready(self, actor) -> None:
-        """Wait until a fresh actor is up (its engine started), where it can say so."""
+    def _ready(self, actor, timeout_s: float = 600.0) -> None:
+        """Wait until a fresh actor is up (its engine started), where it can say so; a TimeoutError
+        (not a hang) when the cluster has no room for it."""
         if hasattr(actor, "info"):
-            self.ray.get(actor.info.remote())
+            try:
+                self.ray.get(actor.info.remote(), timeout=timeout_s)
+            except self.ray.exceptions.GetTimeoutError:
+                raise TimeoutError(f"a replacement worker was not up within {timeout_s:g} s "
+                                   f"(cluster has {self.ray.available_resources()})") from None
 
     def _load_policy(self, actor) -> None:
         """Prepare a fresh rollout worker or policy judge: engine up, current policy version loaded."""
@@ -420,6 +425,7 @@ class Run:
         while self.pending_evals:  # the asynchronous evaluations still running: log them too
             self.logger.log(self.finished_eval(wait=True), step=st.step)
         summary["end"] = self.evaluate()
+        self.timeline.flush(st.step)
         self.logger.log({**summary["end"], **(self.judges.collect() if self.judges else {})}, step=st.step)
         summary.update(curves=str(self.plot()), eval_k=cfg.train.eval_k,
                        eval_temperature=cfg.train.eval_temperature, samples=st.samples,

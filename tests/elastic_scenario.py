@@ -79,6 +79,13 @@ def _scenario(model_path: str, out: str, ray, Cluster) -> None:
             return super().gather_step(step, pending)
 
     run = NodeLoss(cfg)
+    loads = []                   # (the run's policy version, the version the newcomer then holds)
+    prepare = run.rollout.prepare
+
+    def recording_prepare(actor):
+        prepare(actor)
+        loads.append((run.state.version, ray.get(actor.info.remote())["policy_version"]))
+    run.rollout.prepare = recording_prepare
     try:
         run.train()                                            # steps 1-2 on the head's one worker
         events["node"] = cluster.add_node(num_cpus=1, object_store_memory=256 * 1024**2, **_ports())
@@ -88,12 +95,13 @@ def _scenario(model_path: str, out: str, ray, Cluster) -> None:
             run.train()
         events["join_seconds"] = round(time.time() - t0, 1)
         newcomer = run.rollout.slots[-1]
-        events["newcomer_version"] = ray.get(newcomer.actor.info.remote())["policy_version"]
-        events["version_when_joined"] = run.state.version
+        events["version_when_joined"], events["newcomer_version"] = loads[-1]
         events["newcomer_node_is_new"] = newcomer.node_id != run.rollout.slots[0].node_id
         run.cfg.train.steps = run.state.step + 2                # two steps on both workers
         run.train()
-        run.remove_at = run.state.step                          # the node goes mid-step
+        run.remove_at = run.state.step                          # the node goes mid-step,
+        # with the newcomer kept busy so that its share of that step is still being generated
+        newcomer.actor.generate.remote(["What is 1 + 1?"], n=64, max_tokens=150, ignore_eos=True)
         run.cfg.train.steps = run.state.step + 2
         run.train()
         events["workers_at_end"] = len(run.rollout.slots)

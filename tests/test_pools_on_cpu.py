@@ -117,7 +117,8 @@ def test_elastic_rollout_pool_grows_with_a_node_and_shrinks_when_it_goes(tiny_mo
     steps = ev["steps"]
     sizes = [s["pool/rollout_workers"] for s in steps]
     assert sizes[:2] == [1, 1] and 2 in sizes and sizes[-1] == 1, sizes
-    assert ev["newcomer_node_is_new"] and ev["newcomer_version"] == ev["version_when_joined"]
+    # loaded with the policy of the moment it joined (a worker not loaded would hold version 0)
+    assert ev["newcomer_node_is_new"] and ev["newcomer_version"] == ev["version_when_joined"] >= 2
     assert ev["workers_holding_prompts"] == 2 and ev["workers_at_end"] == 1
     assert ev["requeued_prompts"] == 2 and ev["restarts"] == 0     # its 2 of 4 prompts, answered by the other
     for s in steps:     # every step: 4 prompts x G 4 answered once, all by the current policy
