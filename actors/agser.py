@@ -206,14 +206,17 @@ class JudgeWorker:
         """The chat-template prompt around query tokens (the same template the policy answers in)."""
         return self._prefix + list(query_ids) + self._suffix
 
-    def _generate(self, prompts: list[list[int]], n: int = 1, **sampling) -> list[str]:
+    def _generate(self, prompts: list[list[int]], n: int = 1, **sampling) -> list:
+        """Rollouts (text, and the prompt ids the engine answered) of each prompt, n per prompt."""
         self.calls["generate"] += len(prompts) * n
-        outs = self.engine.generate([""] * len(prompts), n=n, prompt_ids=prompts, **sampling)
-        return [o.text for o in outs]
+        return self.engine.generate([""] * len(prompts), n=n, prompt_ids=prompts, **sampling)
 
     @torch.no_grad()
-    def token_scores(self, query_ids: list[list[int]]) -> list[dict[str, torch.Tensor]]:
-        """Per query: {"attention": [M], "value": [M]} read at the last prompt position (one batched forward)."""
+    def token_scores(self, query_ids: list[list[int]], layers: str | list[int] | None = None) -> list[dict]:
+        """Per query: {"attention": [M], "value": [M]} read at the last prompt position (one batched
+        forward), and "ids": the unpadded prompt ids of that forward (the query at len(prefix)).
+        layers: which layers are averaged (default: the judge's)."""
+        layers = self.layers if layers is None else layers
         prompts = [self.prompt_ids(q) for q in query_ids]
         width = max(map(len, prompts))
         pad = self.tokenizer.pad_token_id or 0
@@ -242,28 +245,35 @@ class JudgeWorker:
                 w_o = layer.self_attn.o_proj.weight.view(cfg.hidden_size, heads, d)         # [D, H, d]
                 head_out.append(torch.einsum("mhd,Dhd->hmD", v_b.float(), w_o.float()))     # [H, M, D]
             results.append({
-                "attention": aggregate_layers(attention_scores(attn_row), self.layers),
-                "value": aggregate_layers(value_weighted_scores(attn_row, torch.stack(head_out)), self.layers)})
+                "ids": ids[b, :len(prompts[b])].tolist(),
+                "attention": aggregate_layers(attention_scores(attn_row), layers),
+                "value": aggregate_layers(value_weighted_scores(attn_row, torch.stack(head_out)), layers)})
         return results
 
     # ------------------------------------------------------------------ scoring
     def score(self, questions: list[str], answers: list[str] | None = None,
-              variants: tuple[str, ...] = ("attention", "value")) -> list[dict]:
-        """AGSER per question. answers: the rollouts' completions to judge (None: greedy answers here).
+              variants: tuple[str, ...] = ("attention", "value"), layers: str | list[int] | None = None) -> list[dict]:
+        """AGSER per question. answers: the rollouts' completions to judge (None: greedy answers here);
+        layers: the layers whose scores are averaged (default: the judge's).
 
-        Returns per question {"answer", variant: {"score", "r_att", "r_non_att", "y_att", "y_non_att"}}.
+        Returns per question {"answer", variant: {"score", "r_att", "r_non_att", "y_att", "y_non_att",
+        "x_att", "x_non_att"}, "scored_ids": the prompt ids the attention was read from,
+        "answer_prompt_ids": the prompt ids vLLM answered (None for a given answer), "seconds"}.
         """
         t0 = time.perf_counter()
         query_ids = [self.query_ids(q) for q in questions]
+        answered = [None] * len(questions)
         if answers is None:
-            answers = self._generate([self.prompt_ids(q) for q in query_ids])
-        scores = self.token_scores(query_ids)
+            outs = self._generate([self.prompt_ids(q) for q in query_ids])
+            answers, answered = [o.text for o in outs], [o.prompt_ids for o in outs]
+        scores = self.token_scores(query_ids, layers)
         units = [self.query_units(q) for q in questions]
         splits = [(v, i, split_query(q, s[v], self.frac, units[i]))
                   for i, (q, s) in enumerate(zip(query_ids, scores)) for v in variants]
         # both re-queries of every question and variant in one batched generate call
-        texts = self._generate([self.prompt_ids(part) for _, _, pair in splits for part in pair])
-        results = [{"question": q, "answer": a} for q, a in zip(questions, answers)]
+        texts = [o.text for o in self._generate([self.prompt_ids(part) for _, _, pair in splits for part in pair])]
+        results = [{"question": q, "answer": a, "scored_ids": s["ids"], "answer_prompt_ids": p}
+                   for q, a, s, p in zip(questions, answers, scores, answered)]
         for n, (variant, i, (att, non)) in enumerate(splits):
             y_att, y_non = texts[2 * n], texts[2 * n + 1]
             results[i][variant] = {**agser_score(answer_text(answers[i]), answer_text(y_att),
@@ -276,14 +286,17 @@ class JudgeWorker:
 
     def self_consistency(self, questions: list[str], n: int = 20, temperature: float = 1.0,
                          seed: int = 0) -> list[dict]:
-        """SelfCheckGPT-style baseline: n samples per question, mean Rouge-L to the greedy answer."""
+        """SelfCheckGPT-style baseline: n samples per question, mean Rouge-L to the greedy answer
+        ("score"; "sample_scores": each sample's, in sampling order, for the baseline at fewer samples)."""
         query_ids = [self.query_ids(q) for q in questions]
         prompts = [self.prompt_ids(q) for q in query_ids]
-        greedy = self._generate(prompts)
-        samples = self._generate(prompts, n=n, temperature=temperature, top_p=1.0, seed=seed)
-        return [{"answer": g, "score": sum(rouge_l(answer_text(s), answer_text(g))
-                                           for s in samples[i * n:(i + 1) * n]) / n}
-                for i, g in enumerate(greedy)]
+        greedy = [o.text for o in self._generate(prompts)]
+        samples = [o.text for o in self._generate(prompts, n=n, temperature=temperature, top_p=1.0, seed=seed)]
+        out = []
+        for i, g in enumerate(greedy):
+            each = [rouge_l(answer_text(s), answer_text(g)) for s in samples[i * n:(i + 1) * n]]
+            out.append({"answer": g, "score": sum(each) / n, "sample_scores": each})
+        return out
 
     def update_weights(self, handles, version: int) -> dict:
         """Load the learner's weights (object-store buckets) into the vLLM engine and the HF model."""

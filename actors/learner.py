@@ -158,6 +158,7 @@ class Learner:
         self.steps = 0
         self.skipped_steps = 0
         self.base_lr, self.warmup_steps, self.phase_steps = opt.lr, opt.warmup_steps, 0
+        self.scheduler = None       # DeepSpeed's WarmupLR of the current phase (made at its first step)
 
     # ------------------------------------------------------------------ helpers
     def _all_reduce(self, values: list[float], op: str = "sum") -> list[float]:
@@ -441,12 +442,22 @@ class Learner:
 
     def set_lr(self, lr: float) -> None:
         """Set the learning rate (e.g. SFT vs RL); the linear warmup starts again from it."""
-        self.base_lr, self.phase_steps = lr, 0
+        self.base_lr, self.phase_steps, self.scheduler = lr, 0, None
 
     def _warm_lr(self) -> None:
-        scale = min(1.0, (self.phase_steps + 1) / self.warmup_steps) if self.warmup_steps else 1.0
-        for group in self.engine.optimizer.param_groups:
-            group["lr"] = self.base_lr * scale
+        """This step's lr: step t of the phase (from 0) gets base_lr * min(1, (t + 1) / warmup_steps),
+        DeepSpeed's linear WarmupLR stepped to t + 1; warmup_steps <= 1: base_lr throughout."""
+        from deepspeed.runtime.lr_schedules import WarmupLR
+
+        if self.warmup_steps <= 1:
+            for group in self.engine.optimizer.param_groups:
+                group["lr"] = self.base_lr
+        else:
+            if self.scheduler is None:
+                self.scheduler = WarmupLR(self.engine.optimizer, warmup_min_lr=0.0, warmup_max_lr=self.base_lr,
+                                          warmup_num_steps=self.warmup_steps, warmup_type="linear",
+                                          last_batch_iteration=self.phase_steps)
+            self.scheduler.step(self.phase_steps + 1)
         self.phase_steps += 1
 
     def peak_memory_mb(self) -> float:

@@ -192,9 +192,11 @@ class RolloutWorker:
             return [Rollout(req.prompt_index, req.prompt_ids, [], [], "", "abort", req.version,
                             req.prompt)]
         rollouts = []
+        # the prompt as the engine saw it (equal to what was sent; readers check the ids they score)
+        seen = list(out.prompt_token_ids) if out.prompt_token_ids is not None else req.prompt_ids
         for comp in out.outputs:
             lps = [step[tok].logprob for tok, step in zip(comp.token_ids, comp.logprobs or [])]
-            rollouts.append(Rollout(req.prompt_index, req.prompt_ids, list(comp.token_ids), lps,
+            rollouts.append(Rollout(req.prompt_index, seen, list(comp.token_ids), lps,
                                     comp.text, comp.finish_reason or "length", req.version, req.prompt))
         return rollouts
 

@@ -296,8 +296,13 @@ def relation_breakdown(rows: list[dict], labels: list[int]) -> dict[str, dict]:
 
 def run_agser_eval(model: str, data: str, *, n_samples: int = 20, max_tokens: int = 40,
                    dtype: str = "float32", layers: str = "all", frac: float = 2 / 3, unit: str = "word",
-                   seed: int = 0) -> dict:
-    """AUCs of AGSER (attention / value variants), r_att alone and self-consistency; calls per query."""
+                   seed: int = 0, cpu_threads: int = 0, layer_choices: tuple = ()) -> dict:
+    """AUCs of AGSER (attention / value variants), r_att alone and self-consistency (n samples, and
+    its first 3 / 5 / 10 of them: the baseline at a smaller budget); calls per query. The judge
+    uses cpu_threads threads (0: every core; an evaluation has the machine to itself).
+    layer_choices: other layer sets ("first", "last", [indices]) scored too, on the same answers."""
+    import os
+
     import ray
 
     from actors.agser import JudgeWorker, roc_auc
@@ -312,14 +317,19 @@ def run_agser_eval(model: str, data: str, *, n_samples: int = 20, max_tokens: in
         raise ValueError(f"{data}: no usable rows ({len(skipped)} skipped)")
     t0 = time.perf_counter()
     init_ray()
-    judges = ActorGroup(JudgeWorker, 1, name="judge", kwargs_fn=lambda r, a, p: dict(
-        model_path=model, dtype=dtype, max_tokens=max_tokens, layers=layers, frac=frac, unit=unit))
+    threads = cpu_threads or os.cpu_count() or 1
+    judges = ActorGroup(JudgeWorker, 1, name="judge", env={"OMP_NUM_THREADS": str(threads)},
+                        kwargs_fn=lambda r, a, p: dict(model_path=model, dtype=dtype, max_tokens=max_tokens,
+                                                       layers=layers, frac=frac, unit=unit, cpu_threads=threads))
     judge = judges.actors[0]
     try:
         questions = [r["question"] for r in rows]
         t1 = time.perf_counter()
         agser = ray.get(judge.score.remote(questions))
         agser_calls, agser_s = ray.get(judge.reset_calls.remote()), time.perf_counter() - t1
+        answers = [a["answer"] for a in agser]
+        by_layers = {str(c): ray.get(judge.score.remote(questions, answers, layers=c)) for c in layer_choices}
+        ray.get(judge.reset_calls.remote())
         t1 = time.perf_counter()
         baseline = ray.get(judge.self_consistency.remote(questions, n=n_samples, seed=seed))
         base_calls, base_s = ray.get(judge.reset_calls.remote()), time.perf_counter() - t1
@@ -327,7 +337,8 @@ def run_agser_eval(model: str, data: str, *, n_samples: int = 20, max_tokens: in
         judges.kill()
     labels = judge_rows([a["answer"] for a in agser], rows)
     n = len(rows)
-    out = {"rows": n, "skipped": len(skipped), "correct": sum(labels), "hallucinated": n - sum(labels)}
+    out = {"rows": n, "skipped": len(skipped), "correct": sum(labels), "hallucinated": n - sum(labels),
+           "layers": layers, "unit": unit, "frac": frac}
     if any(r.get("relation") for r in rows):
         out["by_relation"] = relation_breakdown(rows, labels)
     for group in (True, False):  # the facts world marks rows of trained ("known") entities
@@ -341,6 +352,13 @@ def run_agser_eval(model: str, data: str, *, n_samples: int = 20, max_tokens: in
                       "r_att_value": roc_auc([a["value"]["r_att"] for a in agser], labels),
                       "r_non_att_attention": roc_auc([-a["attention"]["r_non_att"] for a in agser], labels),
                       f"self_consistency_n{n_samples}": roc_auc([b["score"] for b in baseline], labels)}
+        for choice, scored in by_layers.items():
+            for variant in ("attention", "value"):
+                out["auc"][f"agser_{variant}_layers_{choice}"] = roc_auc([a[variant]["score"] for a in scored], labels)
+        for m in (3, 5, 10):       # the same samples, fewer of them: the baseline at a smaller budget
+            if m < n_samples:
+                out["auc"][f"self_consistency_n{m}"] = roc_auc(
+                    [sum(b["sample_scores"][:m]) / m for b in baseline], labels)
     else:
         out["auc"] = None  # one label only: nothing to separate
     # model calls per query: AGSER = 1 greedy + 2 re-queries per variant + 1 attention forward

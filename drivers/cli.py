@@ -130,7 +130,7 @@ def _cmd_agser_eval(args) -> int:
 
     result = run_agser_eval(args.model, args.data, n_samples=args.n_samples, max_tokens=args.max_tokens,
                             dtype=args.dtype, layers=args.layers, unit=args.unit, frac=args.frac,
-                            seed=args.seed)
+                            seed=args.seed, cpu_threads=args.threads, layer_choices=tuple(args.layer_choices))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
@@ -232,6 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--n-samples", type=_positive(int), default=20, help="self-consistency baseline samples")
     q.add_argument("--max-tokens", type=_positive(int), default=40, help="answer length (tokens: bytes here)")
     q.add_argument("--layers", default="all", choices=["all", "first", "last"])
+    q.add_argument("--layer-choices", nargs="*", default=[], choices=["all", "first", "last"],
+                   help="other layer sets scored too, on the same answers (AUC of each)")
+    q.add_argument("--threads", type=_non_negative_int, default=0, help="CPU threads of the judge (0: every core)")
     q.add_argument("--unit", default="word", choices=["word", "token"], help="what the 2/3 split keeps")
     q.add_argument("--frac", type=float, default=2 / 3, help="share of query units in the attentive query")
     q.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])

@@ -53,7 +53,8 @@ class RolloutConfig(_Section):
     kv_cache_gib: int = Field(1, ge=1, le=1024, description="CPU only: VLLM_CPU_KVCACHE_SPACE.")
     enforce_eager: bool = Field(True, description="Skip torch.compile warm-up (~20 s on CPU).")
     cpu_threads: int = Field(
-        0, ge=0, le=1024, description="CPU only: OpenMP threads of each engine (0: all cores). "
+        0, ge=0, le=1024, description="CPU only: OpenMP threads of each engine (0: sync mode all cores split "
+        "between the engines; async train.async_rollout_share of them). "
         "Ray would otherwise pin a 1-CPU actor to one thread (~30% slower on 2 cores).")
     seed: int = Field(0, ge=0, description="Engine seed (per-request seeds break chunked prefill on CPU).")
 
@@ -122,7 +123,8 @@ class LearnerConfig(_Section):
     grad_clip: float = Field(1.0, gt=0.0)
     warmup_steps: int = Field(0, ge=0, description="Linear lr warmup (restarts for SFT and for RL).")
     micro_batch_tokens: int = Field(16384, ge=16, description="Padded tokens per micro-batch.")
-    cpu_threads: int = Field(0, ge=0, le=1024, description="CPU only: torch threads per rank (0: cores / ranks).")
+    cpu_threads: int = Field(0, ge=0, le=1024, description="CPU only: torch threads per rank (0: sync cores / ranks; async the cores the "
+                       "rollout engines leave, / ranks).")
     share_prefix: bool = Field(True, description="Run each group's shared prompt once (KV cache repeated over its G rows).")
 
 
@@ -171,6 +173,9 @@ class TrainConfig(_Section):
     steps: int = Field(20, ge=0, le=10_000_000)
     prompts_per_step: int = Field(16, ge=1)
     max_staleness: int = Field(1, ge=0, le=1000, description="Async: admit samples at most this many versions old.")
+    async_rollout_share: float = Field(0.5, gt=0.0, lt=1.0, description="Async on CPU: the share of the cores for "
+                                       "the rollout engines; the learner ranks get the rest (sync: each phase gets all). "
+                                       "rollout.cpu_threads / learner.cpu_threads override.")
     sft_steps: int = Field(0, ge=0, description="Cold-start SFT steps on worked examples before RL.")
     sft_batch_size: int = Field(32, ge=1)
     eval_every: int = Field(0, ge=0, description="Held-out accuracy every k steps (0: start and end only).")

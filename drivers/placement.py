@@ -15,15 +15,23 @@ class GroupPlan:
 
 
 def plan_placement(*, rollout_workers: int, tensor_parallel: int, learner_ranks: int,
-                   reward_workers: int, gpus_per_node: int, cores: int, colocate: bool = False) -> dict:
+                   reward_workers: int, gpus_per_node: int, cores: int, colocate: bool = False,
+                   mode: str = "sync", rollout_share: float = 0.5) -> dict:
     """Resources per group.
 
     GPU (gpus_per_node > 0): a rollout worker takes `tensor_parallel` GPUs, a learner rank one.
     colocate=True shares GPUs between rollout workers and learner ranks (each takes half a GPU
     per device it uses); the total is then max(rollout GPUs, learner GPUs) instead of their sum.
-    CPU: rollout engines get all cores as threads, learner ranks split the cores; Ray logical
-    CPUs are 1 per rollout worker / rank. Reward workers need no GPU and half a logical CPU.
+    CPU threads: in sync mode generation and learning take turns, so each phase gets every core
+    (the engines split them, as do the ranks); in async mode they run at the same time on
+    separate cores: the engines get `rollout_share` of them (at least one, and one is left for the
+    learner), the ranks the rest. Ray logical CPUs are 1 per rollout worker / rank. Reward workers
+    need no GPU and half a logical CPU.
     """
+    if mode not in ("sync", "async"):
+        raise ValueError(f"mode must be 'sync' or 'async', got {mode!r}")
+    if not 0 < rollout_share < 1:
+        raise ValueError(f"rollout_share must be in (0, 1), got {rollout_share}")
     if min(rollout_workers, tensor_parallel, learner_ranks, reward_workers) < 1:
         raise ValueError("every group needs at least one actor and tensor_parallel >= 1")
     if gpus_per_node and tensor_parallel > gpus_per_node:
@@ -31,9 +39,14 @@ def plan_placement(*, rollout_workers: int, tensor_parallel: int, learner_ranks:
     share = 0.5 if (colocate and gpus_per_node) else 1.0
     rollout_gpus = tensor_parallel * share if gpus_per_node else 0.0
     learner_gpus = share if gpus_per_node else 0.0
+    cores = max(1, cores)
+    rollout_cores = learner_cores = cores
+    if mode == "async" and cores > 1:
+        rollout_cores = min(cores - 1, max(1, round(cores * rollout_share)))
+        learner_cores = cores - rollout_cores
     plan = {
-        "rollout": GroupPlan(rollout_workers, 1, rollout_gpus, max(1, cores)),
-        "learner": GroupPlan(learner_ranks, 1, learner_gpus, max(1, cores // learner_ranks)),
+        "rollout": GroupPlan(rollout_workers, 1, rollout_gpus, max(1, rollout_cores // rollout_workers)),
+        "learner": GroupPlan(learner_ranks, 1, learner_gpus, max(1, learner_cores // learner_ranks)),
         "reward": GroupPlan(reward_workers, 0.5, 0.0, 1),
     }
     if gpus_per_node:
@@ -45,3 +58,13 @@ def plan_placement(*, rollout_workers: int, tensor_parallel: int, learner_ranks:
         plan["total_gpus"] = 0
         plan["gpu_nodes"] = 0
     return plan
+
+
+def cpu_threads(cfg, cores: int) -> dict[str, int]:
+    """CPU threads of each rollout engine and learner rank for a Config: plan_placement's split
+    for its mode, unless rollout.cpu_threads / learner.cpu_threads set them by hand."""
+    plan = plan_placement(rollout_workers=cfg.rollout.num_workers, tensor_parallel=1, learner_ranks=cfg.learner.num_ranks,
+                          reward_workers=cfg.reward.num_workers, gpus_per_node=0, cores=cores, mode=cfg.train.mode,
+                          rollout_share=cfg.train.async_rollout_share)
+    return {"rollout": cfg.rollout.cpu_threads or plan["rollout"].threads,
+            "learner": cfg.learner.cpu_threads or plan["learner"].threads}

@@ -81,6 +81,13 @@ class Pending:
     shares: list[_Share] = field(default_factory=list)
     uids: list = field(default_factory=list)   # the caller's ids of the items (e.g. group ids)
 
+    def ready(self) -> bool:
+        """Every share has its result (or its error): gather() will not wait on a running call."""
+        import ray
+
+        refs = [s.ref for s in self.shares]
+        return not refs or len(ray.wait(refs, num_returns=len(refs), timeout=0)[0]) == len(refs)
+
 
 def slots_of(group) -> list[Slot]:
     """The slots of an ActorGroup (a refill restarts the actor in the same bundle)."""
@@ -242,35 +249,67 @@ START_TIMEOUT_S = 600.0   # an elastic worker not up by then is dropped (and ano
 class JudgePool(Pool):
     """AGSER judges (actors/agser.py) from the config's judge section: they score general
     prompts' answers for the reward (all-scenario RL; blocking) and monitor a share of each
-    step's answers (launched at a step, collected at the next: training never waits on them)."""
+    step's answers. The monitor never holds a step up: a launch is collected at a later step once
+    it is done, and while it still runs the new steps' answers are not judged (counted as
+    skipped); only the end of train() waits for the last launch."""
 
     def __init__(self, group, state: RunState, judge, *, prepare):
         super().__init__("judge", group, state, prepare=prepare, counts_prompts=True)
         self.cfg, self._monitor = judge, None     # _monitor: (of step, Pending) of the last launch
+        self.skipped = 0                          # steps whose answers were not judged (judge busy)
+        self._deferred = None                     # a policy judge's weights held until it is idle
+        self._held: dict = {}                     # monitor metrics collected early (by a reward call)
+
+    def sync(self, handles, version: int, **kwargs) -> None:
+        """A policy judge's weights: loaded now when no monitor launch runs; else kept (the newest
+        only) and loaded before the next launch or reward call, so a push never waits on judging."""
+        self._deferred = (handles, version, kwargs)
+        if self._monitor is None or self._monitor[1].ready():
+            self._load_deferred()
+
+    def _load_deferred(self) -> None:
+        if self._deferred is not None:
+            (handles, version, kwargs), self._deferred = self._deferred, None
+            self.broadcast("update_weights", handles, version, **kwargs)
 
     def _call(self, chunk, idx):
         return ([q for q, _ in chunk], [a for _, a in chunk], (self.cfg.variant,)), {}
 
     def scores(self, answers: list[tuple[str, str]]) -> list[float]:
-        """The AGSER score (the configured variant) of each (question, answer)."""
+        """The AGSER score (the configured variant) of each (question, answer), by the current policy
+        (a monitor launch still running is waited for: the reward needs the judge's current weights)."""
+        if self._monitor is not None:
+            self._held = self.collect()
+        self._load_deferred()
         return [j[self.cfg.variant]["score"] for j in self.map_sharded("score", answers, self._call)]
 
     def monitor(self, step: int, answers: list[tuple[str, str]]) -> dict:
-        """Launch the judging of step `step`'s sampled answers; returns the previous launch's metrics."""
-        metrics = self.collect()
+        """Launch the judging of step `step`'s sampled answers unless the last launch still runs
+        (then these are skipped); returns the last launch's metrics when it has finished."""
+        if self._monitor is not None and not self._monitor[1].ready():
+            self.skipped += 1
+            return {"agser/skipped_steps": self.skipped}
+        metrics, self._held = {**self._held, **self.collect()}, {}
         self._monitor = (step + 1, self.launch("score", answers, self._call))
-        return metrics
+        return {**metrics, "agser/skipped_steps": self.skipped}
 
     def collect(self) -> dict:
-        """Wait for the last monitor launch (if any) and summarise it as agser/* metrics."""
+        """Wait for the last monitor launch (if any), load weights held meanwhile (policy judge)
+        and summarise the launch as agser/* metrics."""
         if self._monitor is None:
+            self._load_deferred()
             return {}
         (of_step, pending), self._monitor = self._monitor, None
-        judged = [j[self.cfg.variant] for j in self.gather(pending)]
+        results = self.gather(pending)
+        self._load_deferred()
+        judged = [j[self.cfg.variant] for j in results]
         n = len(judged)
         if not n:
             return {"agser/judged": 0, "agser/of_step": of_step}
-        return {"agser/score_mean": sum(j["score"] for j in judged) / n,
+        # throughput while judging: each judge's call took n_share x its per-question seconds
+        busy = sum(j["seconds"] for j in results) / max(1, len(pending.shares))
+        return {"agser/queries_per_s": n / busy if busy > 0 else 0.0,
+                "agser/score_mean": sum(j["score"] for j in judged) / n,
                 "agser/r_att_mean": sum(j["r_att"] for j in judged) / n,
                 "agser/r_non_att_mean": sum(j["r_non_att"] for j in judged) / n,
                 "agser/low_score_frac": sum(j["score"] <= 0 for j in judged) / n,

@@ -125,7 +125,7 @@ class Run:
         """The learner ranks, then the pools; each built from its own config section."""
         from actors.learner import Learner
         from actors.rewards import RewardWorker
-        from drivers.placement import plan_placement
+        from drivers.placement import cpu_threads, plan_placement
         from drivers.ray_utils import ActorGroup, rollout_group, rollout_worker_actor
 
         cfg = self.cfg
@@ -134,7 +134,12 @@ class Run:
                               learner_ranks=cfg.learner.num_ranks, reward_workers=cfg.reward.num_workers,
                               gpus_per_node=torch.cuda.device_count() if cuda else 0, cores=os.cpu_count() or 1)
         lp = plan["learner"]
-        threads = cfg.learner.cpu_threads or lp.threads
+        split = cpu_threads(cfg, os.cpu_count() or 1)
+        threads = split["learner"]
+        if not cuda:
+            print(f"CPU threads ({cfg.train.mode}, {os.cpu_count()} cores): {cfg.rollout.num_workers} rollout engine(s) x "
+                  f"{split['rollout']}, {cfg.learner.num_ranks} learner rank(s) x {threads}"
+                  + (" (phases take turns)" if cfg.train.mode == "sync" else " (at the same time)"), flush=True)
         self.learner = ActorGroup(Learner, cfg.learner.num_ranks, num_cpus=lp.num_cpus, num_gpus=lp.num_gpus,
                                   name="learner", env={"OMP_NUM_THREADS": str(threads)},
                                   kwargs_fn=lambda r, addr, port: dict(
@@ -221,13 +226,14 @@ class Run:
         t0 = time.perf_counter()
         with self.timeline.span("learner", "export"):
             handles = self.learner.get(self.learner.call("export_weights"))[0]
-        pools = [self.rollout] + ([self.judges] if self.judges and not self.cfg.judge.model_path else [])
         limit = self.cfg.train.sync_timeout_s
-        for pool in pools:
-            with self.timeline.span(pool.name, "update"):
-                pool.broadcast("update_weights", handles, version, timeout_s=limit - (time.perf_counter() - t0),
-                               what=f"weight sync (version {version}) to the {pool.name} pool "
-                                    f"(train.sync_timeout_s={limit})")
+        with self.timeline.span("rollout", "update"):
+            self.rollout.broadcast("update_weights", handles, version, timeout_s=limit - (time.perf_counter() - t0),
+                                   what=f"weight sync (version {version}) to the rollout pool "
+                                        f"(train.sync_timeout_s={limit})")
+        if self.judges and not self.cfg.judge.model_path:    # a busy policy judge takes them later
+            self.judges.sync(handles, version, timeout_s=limit,
+                             what=f"weight sync (version {version}) to the judge pool (train.sync_timeout_s={limit})")
         self.state.version = version
         return time.perf_counter() - t0
 
@@ -309,10 +315,13 @@ class Run:
 
     # ---------------------------------------------------------------- hooks: judge, evaluation
     def judge_hook(self, step: int, groups: list[Group]) -> dict:
-        """AGSER on one answer of a share of this step's groups, judged while the next step runs
-        (agser/* metrics logged at step s describe step s - 1: agser/of_step)."""
+        """AGSER on one answer of a share of this step's groups, judged while the next steps run
+        (agser/* metrics logged at step s describe an earlier step: agser/of_step; while the judge
+        is busy a step's answers are skipped: agser/skipped_steps)."""
+        t0 = time.perf_counter()
         k = max(1, math.ceil(self.cfg.judge.share * len(groups)))
-        return self.judges.monitor(step, [(g.example["prompt"], g.rollouts[0].text) for g in groups[:k] if g.rollouts])
+        metrics = self.judges.monitor(step, [(g.example["prompt"], g.rollouts[0].text) for g in groups[:k] if g.rollouts])
+        return {**metrics, "agser/wait_seconds": time.perf_counter() - t0}    # what the step spent on the judge
 
     def evaluate(self, examples: list[dict] | None = None) -> dict:
         """Held-out accuracy (pass@1: the mean over train.eval_k samples at train.eval_temperature;

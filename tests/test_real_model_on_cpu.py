@@ -14,13 +14,6 @@ from actors.prompts import R1_SYSTEM, ModelInputError, chat_messages, prompt_ids
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="session")
-def smollm2_path(tmp_path_factory) -> str:
-    from drivers.models import init_model
-
-    return str(init_model("smollm2-135m", tmp_path_factory.mktemp("models") / "smollm2-135m"))
-
-
 def test_packaged_preset_exports_a_complete_hf_folder(smollm2_path):
     from pathlib import Path
 

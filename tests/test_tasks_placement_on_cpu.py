@@ -62,8 +62,23 @@ def test_bad_rows_are_counted_with_line_numbers(tmp_path):
 def test_placement_arithmetic():
     cpu = plan_placement(rollout_workers=2, tensor_parallel=1, learner_ranks=2, reward_workers=3,
                          gpus_per_node=0, cores=2)
-    assert cpu["rollout"].count == 2 and cpu["rollout"].num_gpus == 0 and cpu["rollout"].threads == 2
+    assert cpu["rollout"].count == 2 and cpu["rollout"].num_gpus == 0 and cpu["rollout"].threads == 1
     assert cpu["learner"].threads == 1 and cpu["reward"].num_cpus == 0.5 and cpu["total_gpus"] == 0
+    # sync: each phase takes every core in turn; async: the two sides split them
+    one = dict(rollout_workers=1, tensor_parallel=1, learner_ranks=1, reward_workers=1, gpus_per_node=0)
+    sync2 = plan_placement(**one, cores=2)
+    assert (sync2["rollout"].threads, sync2["learner"].threads) == (2, 2)
+    async2 = plan_placement(**one, cores=2, mode="async")
+    assert (async2["rollout"].threads, async2["learner"].threads) == (1, 1)
+    async16 = plan_placement(rollout_workers=2, tensor_parallel=1, learner_ranks=2, reward_workers=1, gpus_per_node=0,
+                             cores=16, mode="async", rollout_share=0.25)
+    assert (async16["rollout"].threads, async16["learner"].threads) == (2, 6)      # 4 / 2 engines, 12 / 2 ranks
+    assert plan_placement(**one, cores=4, mode="async", rollout_share=0.99)["learner"].threads == 1   # one is left
+    assert plan_placement(**one, cores=1, mode="async")["rollout"].threads == 1
+    with pytest.raises(ValueError, match="mode"):
+        plan_placement(**one, cores=2, mode="hybrid")
+    with pytest.raises(ValueError, match="rollout_share"):
+        plan_placement(**one, cores=2, rollout_share=1.0)
     # 2 engines x TP 2 + 4 ranks on separate GPUs = 8 GPUs = one 8-GPU node
     sep = plan_placement(rollout_workers=2, tensor_parallel=2, learner_ranks=4, reward_workers=1,
                          gpus_per_node=8, cores=32)
