@@ -215,7 +215,8 @@ class DemoConfig(_Section):
 
 
 class JudgeConfig(_Section):
-    """AGSER judge pool (actors/agser.py): a hallucination monitor during training."""
+    """AGSER judge pool (actors/agser.py): a hallucination monitor during training; it never holds
+    a step up (a step whose judging would have to wait is skipped: agser/skipped_steps)."""
 
     enabled: bool = Field(False, description="Start the judge pool and log agser/* metrics.")
     num_workers: int = Field(1, ge=1, le=1024)
