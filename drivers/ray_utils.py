@@ -80,8 +80,8 @@ def check_ray_address(address: str, timeout_s: float = 5.0) -> None:
 
 def rollout_resources(cfg) -> dict:
     """A rollout worker's Ray options from a Config: 1 logical CPU, tensor_parallel_size GPUs on
-    GPU machines, its engine's OpenMP threads (drivers.placement.cpu_threads), and a threaded actor (concurrent generate() calls
-    share one continuously batched engine)."""
+    GPU machines, its engine's OpenMP threads (drivers.placement.cpu_threads), and a threaded
+    actor (concurrent generate() calls share one continuously batched engine)."""
     import torch
 
     from drivers.placement import cpu_threads
