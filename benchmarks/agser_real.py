@@ -32,7 +32,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=40, help="answer length of every model call")
     ap.add_argument("--n-samples", type=int, default=20)
     ap.add_argument("--unit", default="word", choices=["word", "token"])
-    ap.add_argument("--layer-choices", nargs="*", default=["first", "last"],
+    ap.add_argument("--layer-choices", nargs="*", default=["first", "last"], choices=["all", "first", "last"],
                     help="layer sets scored besides all layers (on the same answers)")
     ap.add_argument("--out", default=None, help="also write the JSON here")
     a = ap.parse_args()

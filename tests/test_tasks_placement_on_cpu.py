@@ -75,6 +75,7 @@ def test_placement_arithmetic():
     assert (async16["rollout"].threads, async16["learner"].threads) == (2, 6)      # 4 / 2 engines, 12 / 2 ranks
     assert plan_placement(**one, cores=4, mode="async", rollout_share=0.99)["learner"].threads == 1   # one is left
     assert plan_placement(**one, cores=1, mode="async")["rollout"].threads == 1
+    assert plan_placement(**one, cores=10, mode="async", rollout_share=0.25)["rollout"].threads == 3   # 2.5 -> 3
     with pytest.raises(ValueError, match="mode"):
         plan_placement(**one, cores=2, mode="hybrid")
     with pytest.raises(ValueError, match="rollout_share"):
@@ -140,3 +141,17 @@ def test_busy_seconds_merges_overlapping_spans_within_the_step():
     assert busy_seconds([], 0, 10) == 0.0 and busy_seconds([(20, 30)], 0, 10) == 0.0
     assert busy_seconds([(2, 4), (2, 4), (3, 3.5)], 0, 10) == 2.0
 
+
+
+def test_cpu_threads_from_a_config_and_by_hand():
+    from drivers.config import build_config
+    from drivers.placement import cpu_threads
+
+    def threads(*overrides):
+        return cpu_threads(build_config({}, list(overrides)), cores=8)
+
+    assert threads() == {"rollout": 8, "learner": 8}                                     # sync: turns
+    assert threads("train.mode=async") == {"rollout": 4, "learner": 4}
+    assert threads("train.mode=async", "rollout.cpu_threads=6") == {"rollout": 6, "learner": 2}  # what is left
+    assert threads("train.mode=async", "rollout.cpu_threads=6", "learner.cpu_threads=5") == {"rollout": 6, "learner": 5}
+    assert threads("rollout.num_workers=2", "learner.num_ranks=4") == {"rollout": 4, "learner": 2}
