@@ -69,7 +69,7 @@ def build_batch(groups: list[Group], *, version: int, max_staleness: int, advant
     """The learner batch of one step and its metrics.
 
     A group is dropped when a verifier item failed (status != ok: never a silent zero), when a
-    sample is more than max_staleness versions behind `version`, or, with dynamic sampling,
+    sample's oldest token is more than max_staleness versions behind `version`, or, with dynamic sampling,
     when all its rewards are equal (no signal). `advantage(rewards [B], G) -> [B]` is the
     configured estimator; rows cut by a sync (finish_reason "abort") or empty are not trained on.
     """
@@ -95,10 +95,14 @@ def build_batch(groups: list[Group], *, version: int, max_staleness: int, advant
             batch.group_ids.append(g.uid)
             batch.policy_versions.append(r.policy_version)
     staleness = [version - r.policy_version for g in kept for r in g.rollouts]
+    token_staleness = [version - v for g in kept for r in g.rollouts for v in r.token_versions]
+    spanning = [len(set(r.token_versions)) > 1 for g in kept for r in g.rollouts]
     metrics = {"train/failed_groups": len(failed), "train/stale_groups": len(stale),
                "train/zero_variance_groups": flat, "train/rows": len(batch),
                "train/groups": len({*batch.group_ids}),
                "async/staleness_mean": sum(staleness) / max(len(staleness), 1),
-               "async/staleness_max": max(staleness, default=0)}
+               "async/staleness_max": max(staleness, default=0),
+               "async/token_staleness_mean": sum(token_staleness) / max(len(token_staleness), 1),
+               "async/partial_frac": sum(spanning) / max(len(spanning), 1)}
     return batch, metrics
 

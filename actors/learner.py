@@ -97,12 +97,12 @@ class Learner:
     def __init__(self, model_path: str, learner: "LearnerConfig | None" = None, algo: "AlgoConfig | None" = None, *,
                  rank: int = 0, world_size: int = 1, master_addr: str = "127.0.0.1", master_port: int = 29500,
                  dtype: str = "float32", seed: int = 0, cpu_threads: int = 1, temperature: float = 1.0,
-                 max_len: int | None = None, attention_dropout: float | None = None):
+                 max_len: int | None = None, attention_dropout: float | None = None, decay_steps: int = 0):
         """learner / algo: the config's sections (None: their defaults); the rest is per rank or per run.
 
         temperature: the rollout's sampling temperature (logprobs are of the sampled distribution);
         max_len: the generation budget (Dr. GRPO's aggregation constant); attention_dropout: an SFT
-        regulariser (None: the model's own).
+        regulariser (None: the model's own); decay_steps: the first phase's linear-decay horizon (0: none).
         """
         from drivers.config import AlgoConfig, LearnerConfig
 
@@ -158,7 +158,8 @@ class Learner:
         self.steps = 0
         self.skipped_steps = 0
         self.base_lr, self.warmup_steps, self.phase_steps = opt.lr, opt.warmup_steps, 0
-        self.scheduler = None       # DeepSpeed's WarmupLR of the current phase (made at its first step)
+        self.decay_steps = decay_steps
+        self.scheduler = None       # DeepSpeed's WarmupLR / WarmupDecayLR of the current phase (made at its first step)
 
     # ------------------------------------------------------------------ helpers
     def _all_reduce(self, values: list[float], op: str = "sum") -> list[float]:
@@ -440,23 +441,28 @@ class Learner:
                      for n, p in self.engine.module.named_parameters()]
             return ObjectStoreTransport.publish(named, bucket_bytes)
 
-    def set_lr(self, lr: float) -> None:
-        """Set the learning rate (e.g. SFT vs RL); the linear warmup starts again from it."""
-        self.base_lr, self.phase_steps, self.scheduler = lr, 0, None
+    def set_lr(self, lr: float, decay_steps: int = 0) -> None:
+        """Start a phase (e.g. SFT, then RL) at `lr`: the linear warmup starts again, and with
+        decay_steps > 0 the lr then falls linearly towards 0 at the phase's step decay_steps."""
+        self.base_lr, self.decay_steps, self.phase_steps, self.scheduler = lr, decay_steps, 0, None
 
     def _warm_lr(self) -> None:
-        """This step's lr: step t of the phase (from 0) gets base_lr * min(1, (t + 1) / warmup_steps),
-        DeepSpeed's linear WarmupLR stepped to t + 1; warmup_steps <= 1: base_lr throughout."""
-        from deepspeed.runtime.lr_schedules import WarmupLR
+        """This step's lr (steps are optimizer steps). Step t of the phase (from 0) is DeepSpeed's
+        scheduler stepped to t + 1: WarmupLR gives base_lr * min(1, (t + 1) / W) (W = warmup_steps);
+        with decay_steps D > 0, WarmupDecayLR (horizon D + 1, so the last step keeps a small lr)
+        gives the same warmup, then base_lr * (D - t) / (D + 1 - W); DeepSpeed's warmup is at
+        least 2 steps there (W <= 1: half the lr at step 0). No warmup, no decay: base_lr throughout."""
+        from deepspeed.runtime.lr_schedules import WarmupDecayLR, WarmupLR
 
-        if self.warmup_steps <= 1:
+        if self.warmup_steps <= 1 and not self.decay_steps:
             for group in self.engine.optimizer.param_groups:
                 group["lr"] = self.base_lr
         else:
             if self.scheduler is None:
-                self.scheduler = WarmupLR(self.engine.optimizer, warmup_min_lr=0.0, warmup_max_lr=self.base_lr,
-                                          warmup_num_steps=self.warmup_steps, warmup_type="linear",
-                                          last_batch_iteration=self.phase_steps)
+                common = dict(warmup_min_lr=0.0, warmup_max_lr=self.base_lr, warmup_type="linear",
+                              warmup_num_steps=max(2, self.warmup_steps), last_batch_iteration=self.phase_steps)
+                self.scheduler = (WarmupDecayLR(self.engine.optimizer, total_num_steps=self.decay_steps + 1, **common)
+                                  if self.decay_steps else WarmupLR(self.engine.optimizer, **common))
             self.scheduler.step(self.phase_steps + 1)
         self.phase_steps += 1
 

@@ -6,9 +6,12 @@ A plain class; the driver wraps it with `ray.remote(max_concurrency=...)` at pla
 One thread owns the engine and steps it continuously; `generate` calls from any number of
 caller threads add requests to the running batch (continuous batching) and wait for their own.
 Weight updates run on the engine thread at a sync point: in-flight requests either finish first
-(mode "finish") or are aborted (mode "abort"; their rollouts come back with finish_reason
-"abort" so the driver can re-queue the prompts). Every rollout carries the policy version of
-the weights that produced all of its tokens.
+(mode "finish"), are aborted (mode "abort"; their rollouts come back with finish_reason "abort"
+so the driver can re-queue the prompts), or are paused and continued under the new weights
+(mode "partial": partial rollouts, as in AReaL or slime: the tokens so far are kept and the
+request is re-admitted with them appended to its prompt). Each of the n samples of a prompt is
+its own engine request (seed + j, as vLLM seeds its own n > 1 children), so it can be paused
+alone. Every completion token carries the policy version of the weights that sampled it.
 
     worker = RolloutWorker(model_path, RolloutConfig(temperature=1.0, max_tokens=64))
     rollouts = worker.generate(["What is 2 + 3?"], n=4)
@@ -39,9 +42,10 @@ class Rollout:
     logprobs: list[float]      # behaviour logprob of each completion token (temperature applied)
     text: str
     finish_reason: str         # "stop" (EOS / stop string), "length", or "abort" (sync point)
-    policy_version: int        # the weight version that produced every token of it
+    policy_version: int        # the oldest weights version among its tokens (staleness counts from it)
     prompt: str = ""
     meta: dict = field(default_factory=dict)
+    token_versions: list[int] = field(default_factory=list)  # the version that sampled each completion token
 
 
 def _engine_env(kv_cache_gib: int) -> None:
@@ -59,9 +63,13 @@ class _Request:
     prompt_index: int
     prompt: str
     prompt_ids: list[int]
-    params: object
+    params: object             # vLLM SamplingParams, n = 1
     future: Future
-    version: int = -1
+    version: int = -1          # the weights version of the current engine request
+    done_ids: list[int] = field(default_factory=list)          # tokens sampled before a partial sync
+    done_logprobs: list[float] = field(default_factory=list)
+    done_versions: list[int] = field(default_factory=list)
+    max_tokens: int = 0        # the sample's whole budget (its params lose what paused parts used)
 
 
 class RolloutWorker:
@@ -87,6 +95,7 @@ class RolloutWorker:
                       max_num_batched_tokens=max(8192, r.max_model_len))
         if torch.cuda.is_available():
             kwargs["gpu_memory_utilization"] = r.gpu_memory_utilization
+            kwargs["enable_sleep_mode"] = r.colocate     # CuMem pools that sleep() can release
         self.defaults = dict(temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_tokens)
         self.policy_version = 0
         self.sync_seconds: list[float] = []
@@ -114,6 +123,7 @@ class RolloutWorker:
             return
         started.set_result(True)
         held: list[tuple] = []       # adds that arrived while a sync point is pending
+        paused: list[_Request] = []  # partial rollouts to continue after the sync point
         barrier = None               # (fn, future) waiting for the engine to drain
         while not self._stop:
             idle = barrier is None and not self.engine.has_unfinished_requests()
@@ -129,9 +139,14 @@ class RolloutWorker:
                     else:
                         held.append(cmd)
                 elif kind == "sync":
-                    _, fn, fut, abort = cmd
-                    if abort:
+                    _, fn, fut, how = cmd
+                    if how == "abort":
                         self._abort_all()
+                    elif how == "partial":
+                        try:
+                            paused += self._pause_all()
+                        except Exception:  # noqa: BLE001 - vLLM internals changed: abort instead
+                            self._abort_all()
                     barrier = (fn, fut)
                 elif kind == "stop":
                     break
@@ -143,6 +158,13 @@ class RolloutWorker:
                     fut.set_result(fn())
                 except Exception as err:  # noqa: BLE001
                     fut.set_exception(err)
+                try:
+                    self._admit(self._continuations(paused))
+                except Exception:  # noqa: BLE001 - never lose the callers: their samples come back "abort"
+                    for req in paused:
+                        if not req.future.done():
+                            req.future.set_result(None)
+                paused = []
                 for _, reqs in held:
                     self._admit(reqs)
                 held = []
@@ -167,7 +189,7 @@ class RolloutWorker:
             req.version = self.policy_version
             self._in_flight[rid] = req
             try:
-                self.engine.add_request(rid, TokensPrompt(prompt_token_ids=req.prompt_ids), req.params)
+                self.engine.add_request(rid, TokensPrompt(prompt_token_ids=req.prompt_ids + req.done_ids), req.params)
             except Exception as err:  # noqa: BLE001 - e.g. a prompt longer than max_model_len
                 self._in_flight.pop(rid)
                 req.future.set_exception(err)
@@ -179,30 +201,71 @@ class RolloutWorker:
         for rid in ids:
             self._in_flight.pop(rid).future.set_result(None)  # None: aborted at a sync point
 
-    def _submit(self, prompt_ids: list[list[int]], params, prompts: list[str]) -> list[_Request]:
-        params = params if isinstance(params, list) else [params] * len(prompts)
-        reqs = [_Request(i, p, list(ids), sp, Future())
-                for i, (p, ids, sp) in enumerate(zip(prompts, prompt_ids, params))]
+    def _pause_all(self) -> list[_Request]:
+        """Abort every in-flight request but keep what it has sampled so far (partial rollouts).
+
+        The tokens and logprobs are read from vLLM's output processor, which holds them for a
+        FINAL_ONLY request until it finishes (an in-process engine has no step in flight here)."""
+        states, index = self.engine.output_processor.request_states, self.engine.output_processor.external_req_ids
+        paused = []
+        for rid, req in self._in_flight.items():
+            for internal in index.get(rid, []):
+                st = states.get(internal)
+                if st is None or st.detokenizer is None:
+                    continue
+                ids = list(st.detokenizer.output_token_ids)
+                req.done_logprobs += [step[tok].logprob for tok, step in zip(ids, st.logprobs_processor.logprobs or [])]
+                req.done_ids += ids
+                req.done_versions += [req.version] * len(ids)
+            paused.append(req)
+        if self._in_flight:
+            self.engine.abort_request(list(self._in_flight))
+        self._in_flight.clear()
+        return paused
+
+    def _continuations(self, paused: list[_Request]) -> list[_Request]:
+        """The paused requests, each to sample the rest of its max_tokens from where it stopped
+        (a new seed per pause: a seeded request replays its random stream from the start)."""
+        out = []
+        for req in paused:
+            p = req.params.clone()
+            p.max_tokens = req.max_tokens - len(req.done_ids)
+            if p.seed is not None and req.done_ids:
+                p.seed = (p.seed * 1_000_003 + len(req.done_ids)) % 2**63
+            if p.max_tokens <= 0:     # nothing left to sample (cannot happen: it would have finished)
+                req.future.set_result(None)
+                continue
+            req.params = p
+            out.append(req)
+        return out
+
+    def _submit(self, items: list[tuple[int, str, list[int], object]]) -> list[_Request]:
+        """items: (prompt index, prompt, prompt ids, SamplingParams with n = 1) per engine request."""
+        reqs = [_Request(i, p, list(ids), sp, Future(), max_tokens=sp.max_tokens) for i, p, ids, sp in items]
         self._commands.put(("add", reqs))
         return reqs
 
-    @staticmethod
-    def _to_rollouts(req: _Request, out) -> list[Rollout]:
+    def _to_rollout(self, req: _Request, out) -> Rollout:
         if out is None:
-            return [Rollout(req.prompt_index, req.prompt_ids, [], [], "", "abort", req.version,
-                            req.prompt)]
-        rollouts = []
+            return Rollout(req.prompt_index, req.prompt_ids, [], [], "", "abort", req.version, req.prompt)
+        comp = out.outputs[0]
+        new_ids = list(comp.token_ids)
+        lps = req.done_logprobs + [step[tok].logprob for tok, step in zip(new_ids, comp.logprobs or [])]
+        versions = req.done_versions + [req.version] * len(new_ids)
         # the prompt as the engine saw it (equal to what was sent; readers check the ids they score)
-        seen = list(out.prompt_token_ids) if out.prompt_token_ids is not None else req.prompt_ids
-        for comp in out.outputs:
-            lps = [step[tok].logprob for tok, step in zip(comp.token_ids, comp.logprobs or [])]
-            rollouts.append(Rollout(req.prompt_index, seen, list(comp.token_ids), lps,
-                                    comp.text, comp.finish_reason or "length", req.version, req.prompt))
-        return rollouts
+        seen = list(out.prompt_token_ids) if out.prompt_token_ids is not None else req.prompt_ids + req.done_ids
+        seen = seen[:len(seen) - len(req.done_ids)]
+        ids = req.done_ids + new_ids
+        # the continuation's text is vLLM's (stop tokens and strings handled as for any request)
+        text = self.tokenizer.decode(req.done_ids, skip_special_tokens=False) + comp.text if req.done_ids else comp.text
+        return Rollout(req.prompt_index, seen, ids, lps, text, comp.finish_reason or "length",
+                       min(versions, default=req.version), req.prompt, token_versions=versions)
 
-    def _on_engine_thread(self, fn, abort: bool = False):
+    def _on_engine_thread(self, fn, how: str = ""):
+        """Run fn on the engine thread at a sync point; how: "" (in-flight requests finish first),
+        "abort" or "partial" (they are paused and continue under what fn loaded)."""
         fut: Future = Future()
-        self._commands.put(("sync", fn, fut, abort))
+        self._commands.put(("sync", fn, fut, how))
         return fut.result()
 
     # ------------------------------------------------------------------ public API
@@ -232,19 +295,20 @@ class RolloutWorker:
             ids = self.render_prompts(prompts)
         else:
             ids = [self.tokenizer.encode(p, add_special_tokens=False) for p in prompts]
-        params = []
+        items = []
         for i in range(len(prompts)):
-            # keep <think>/<answer> in the text: the verifiers read them
             seed_i = seeds[i] if seeds is not None else None if seed is None else seed + i
-            p = SamplingParams(n=n, logprobs=0, seed=seed_i,
-                               **{"skip_special_tokens": False, **self.defaults, **sampling})
-            p.output_kind = RequestOutputKind.FINAL_ONLY
-            params.append(p)
-        reqs = self._submit(ids, params, prompts)
-        return [r for req in reqs for r in self._to_rollouts(req, req.future.result())]
+            for j in range(n):      # sample j is its own request, seeded as vLLM seeds its children
+                # keep <think>/<answer> in the text: the verifiers read them
+                p = SamplingParams(n=1, logprobs=0, seed=None if seed_i is None else seed_i + j,
+                                   **{"skip_special_tokens": False, **self.defaults, **sampling})
+                p.output_kind = RequestOutputKind.FINAL_ONLY
+                items.append((i, prompts[i], ids[i], p))
+        reqs = self._submit(items)
+        return [self._to_rollout(req, req.future.result()) for req in reqs]
 
     def generate_groups(self, prompts: list[str], n: int = 1, **kwargs) -> list[list[Rollout]]:
-        """generate(), one list per prompt: its n rollouts (one "abort" rollout if a sync cut it)."""
+        """generate(), one list per prompt: its n rollouts (finish_reason "abort" where an abort sync cut one)."""
         groups: list[list[Rollout]] = [[] for _ in prompts]
         for r in self.generate(prompts, n, **kwargs):
             groups[r.prompt_index].append(r)
@@ -260,7 +324,7 @@ class RolloutWorker:
 
         params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
         params.output_kind = RequestOutputKind.FINAL_ONLY
-        reqs = self._submit(sequences, params, [""] * len(sequences))
+        reqs = self._submit([(i, "", seq, params) for i, seq in enumerate(sequences)])
         result = []
         for req in reqs:
             out = req.future.result()
@@ -276,10 +340,11 @@ class RolloutWorker:
 
         handles: what the transport's `publish` returned (object store: [(meta, ref)]; nccl:
         [meta]; "checkpoint": a saved HF model directory). mode "finish" lets in-flight requests
-        complete first; "abort" cancels them.
+        complete first; "abort" cancels them; "partial" pauses them and continues them under the
+        new weights (their later tokens carry the new version).
         """
-        if mode not in ("finish", "abort"):
-            raise ValueError(f"mode must be 'finish' or 'abort', got {mode!r}")
+        if mode not in ("finish", "abort", "partial"):
+            raise ValueError(f"mode must be 'finish', 'abort' or 'partial', got {mode!r}")
 
         def apply():
             t0 = time.perf_counter()
@@ -307,7 +372,29 @@ class RolloutWorker:
             self.sync_seconds.append(seconds)
             return {"version": version, "tensors": loaded, "seconds": seconds}
 
-        return self._on_engine_thread(apply, abort=(mode == "abort"))
+        return self._on_engine_thread(apply, how="" if mode == "finish" else mode)
+
+    def sleep(self) -> dict:
+        """Colocated on a GPU: offload the weights to host memory and free the KV cache (vLLM sleep
+        level 1) while the learner uses the device. Returns seconds and the device memory freed (GiB)."""
+        import torch
+
+        def go():
+            t0, free = time.perf_counter(), torch.cuda.mem_get_info()[0]
+            self.llm.sleep(level=1)
+            return {"seconds": time.perf_counter() - t0, "freed_gib": (torch.cuda.mem_get_info()[0] - free) / 2**30}
+
+        return self._on_engine_thread(go)
+
+    def wake_up(self, tags: list[str] | None = None) -> float:
+        """Reallocate what sleep() released: tags ["weights"] before a weight push, then ["kv_cache"]
+        (the learner's memory peak never meets the KV cache's); None: everything. Returns seconds."""
+        def go():
+            t0 = time.perf_counter()
+            self.llm.wake_up(tags=tags)
+            return time.perf_counter() - t0
+
+        return self._on_engine_thread(go)
 
     def init_nccl(self, host: str, port: int, rank: int, world_size: int) -> bool:
         """GPU: join the learner's weight-broadcast group (see NcclTransport)."""
@@ -322,6 +409,17 @@ class RolloutWorker:
         """Requests currently in the engine."""
         return len(self._in_flight)
 
+    def in_flight_tokens(self) -> int:
+        """Tokens sampled so far by the requests in the engine (read while it runs: a snapshot)."""
+        op = self.engine.output_processor
+        for _ in range(10):     # the engine thread may change the dicts while they are read
+            try:
+                return sum(len(st.detokenizer.output_token_ids) for st in list(op.request_states.values())
+                           if st.detokenizer is not None)
+            except RuntimeError:
+                time.sleep(0.001)
+        return 0
+
     def info(self) -> dict:
         """Engine facts for logs: init seconds, policy version, pid, Ray node, last sync seconds."""
         import ray
@@ -333,7 +431,7 @@ class RolloutWorker:
 
     def close(self) -> None:
         """Stop the engine thread (in-flight requests are aborted)."""
-        self._on_engine_thread(lambda: None, abort=True)
+        self._on_engine_thread(lambda: None, how="abort")
         self._stop = True
         self._commands.put(("stop",))
         self._thread.join(timeout=30)

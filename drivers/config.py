@@ -57,7 +57,11 @@ class RolloutConfig(_Section):
         "between the engines; async train.async_rollout_share of them). "
         "Ray would otherwise pin a 1-CPU actor to one thread (~30% slower on 2 cores).")
     seed: int = Field(0, ge=0, description="Engine seed (per-request seeds break chunked prefill on CPU).")
-
+    colocate: bool = Field(
+        False, description="Sync mode: the engines share devices with the learner ranks and take turns. GPU: each "
+        "asks Ray for half a GPU, and vLLM sleeps (level 1: weights to host memory, KV cache freed) while the "
+        "learner trains, waking for the weight push; keep gpu_memory_utilization low enough for the learner. "
+        "CPU: every phase on all cores, as sync mode does anyway.")
 
     @model_validator(mode="after")
     def _pool_bounds(self) -> "RolloutConfig":
@@ -122,6 +126,9 @@ class LearnerConfig(_Section):
     adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW (beta1, beta2).")
     grad_clip: float = Field(1.0, gt=0.0)
     warmup_steps: int = Field(0, ge=0, description="Linear lr warmup (restarts for SFT and for RL).")
+    lr_decay: Literal["none", "linear"] = Field(
+        "none", description="GRPO phase, after the warmup: constant lr, or linear decay towards 0 at its last "
+        "optimizer step, train.steps x algo.mini_batches (DeepSpeed's WarmupDecayLR). SFT phases do not decay.")
     micro_batch_tokens: int = Field(16384, ge=16, description="Padded tokens per micro-batch.")
     cpu_threads: int = Field(0, ge=0, le=1024, description="CPU only: torch threads per rank (0: sync cores / ranks; async the cores the "
                        "rollout engines leave, / ranks).")
@@ -186,12 +193,18 @@ class TrainConfig(_Section):
     sync_timeout_s: float = Field(600.0, gt=0.0, description="A weight sync not done in this time is an error, not a hang.")
     async_eval: bool = Field(False, description="eval_every evaluations run on their own worker against a "
                              "saved checkpoint, never stalling training (logged when done, with eval/of_step).")
+    partial_rollouts: bool = Field(False, description="Async: at a weight sync the engines pause unfinished samples "
+                                   "and continue them under the new weights instead of letting them finish first "
+                                   "(each token keeps the version that sampled it).")
 
     @model_validator(mode="after")
     def _sampled_eval(self) -> "TrainConfig":
         if self.eval_k > 1 and self.eval_temperature == 0:
             raise ValueError(f"train.eval_k {self.eval_k} needs train.eval_temperature > 0 "
                              "(greedy samples are all the same)")
+        if self.partial_rollouts and self.mode != "async":
+            raise ValueError("train.partial_rollouts needs train.mode=async (in sync mode nothing is in flight at a "
+                             "weight sync)")
         return self
 
 
@@ -285,6 +298,13 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _lengths_fit(self) -> "Config":
+        if self.rollout.colocate and self.train.mode != "sync":
+            raise ValueError("rollout.colocate needs train.mode=sync (async mode runs both phases at once on "
+                             "separate devices)")
+        if self.rollout.colocate and (self.rollout.tensor_parallel_size != 1
+                                      or self.rollout.num_workers != self.learner.num_ranks):
+            raise ValueError("rollout.colocate pairs each engine with one learner rank on one device: it needs "
+                             "rollout.tensor_parallel_size 1 and rollout.num_workers == learner.num_ranks")
         if self.rollout.max_tokens >= self.rollout.max_model_len:
             raise ValueError(
                 f"rollout.max_tokens ({self.rollout.max_tokens}) must be smaller than "

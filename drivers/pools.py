@@ -154,12 +154,13 @@ class Pool:
         """launch + gather."""
         return self.gather(self.launch(method, items, call), timeout_s, what)
 
-    def broadcast(self, method: str, *args, timeout_s: float | None = None, what: str = "") -> list:
+    def broadcast(self, method: str, *args, timeout_s: float | None = None, what: str = "", **kwargs) -> list:
         """The same call on every actor (e.g. update_weights); a dead one is refilled and called again."""
         items = list(range(len(self.slots)))
-        pending = Pending(method, len(items), items, lambda chunk, idx: (args, {}))
+        pending = Pending(method, len(items), items, lambda chunk, idx: (args, kwargs))
         for i, slot in enumerate(self.slots):
-            pending.shares.append(_Share(slot, slot.actor, [i], args, {}, getattr(slot.actor, method).remote(*args)))
+            pending.shares.append(_Share(slot, slot.actor, [i], args, kwargs,
+                                         getattr(slot.actor, method).remote(*args, **kwargs)))
         return self._gather_each(pending, timeout_s, what)
 
     def _gather_each(self, pending: Pending, timeout_s, what) -> list:

@@ -80,13 +80,15 @@ def check_ray_address(address: str, timeout_s: float = 5.0) -> None:
 
 def rollout_resources(cfg) -> dict:
     """A rollout worker's Ray options from a Config: 1 logical CPU, tensor_parallel_size GPUs on
-    GPU machines, its engine's OpenMP threads (drivers.placement.cpu_threads), and a threaded
+    GPU machines (half each when rollout.colocate), its engine's OpenMP threads (drivers.placement.cpu_threads), and a threaded
     actor (concurrent generate() calls share one continuously batched engine)."""
     import torch
 
     from drivers.placement import cpu_threads
 
     gpus = cfg.rollout.tensor_parallel_size if torch.cuda.is_available() else 0
+    if cfg.rollout.colocate:            # half of each device: the learner rank takes the other half
+        gpus *= 0.5
     threads = cpu_threads(cfg, os.cpu_count() or 1)["rollout"]
     return dict(num_cpus=1, num_gpus=gpus, max_concurrency=16, env={"OMP_NUM_THREADS": str(threads)})
 

@@ -18,6 +18,7 @@ import json
 import math
 import os
 import random
+import statistics
 import time
 from pathlib import Path
 
@@ -114,12 +115,20 @@ class Run:
         self.ray = ray
         self.pending_evals: list = []
         self.timeline = Timeline(self.run_dir)
+        # colocated on GPU: vLLM sleeps while the learner trains (rollout.colocate)
+        self.sleep_between_phases, self.asleep = cfg.rollout.colocate and torch.cuda.is_available(), False
         self._start_actors()
         if resume:
             self.learner.get(self.learner.call("load_checkpoint", str(self.ckpt_dir), self.state.tag))
             self.push_weights(self.state.version)
         self.logger = RunLogger(self.run_dir, mode=cfg.run.wandb_mode, project=cfg.run.wandb_project,
                                 name=cfg.run.name, config=cfg.model_dump())
+
+    @property
+    def rl_decay_steps(self) -> int:
+        """The GRPO phase's linear lr-decay horizon in optimizer steps (0: constant lr after the warmup)."""
+        cfg = self.cfg
+        return cfg.train.steps * cfg.algo.mini_batches if cfg.learner.lr_decay == "linear" else 0
 
     def _start_actors(self) -> None:
         """The learner ranks, then the pools; each built from its own config section."""
@@ -132,7 +141,8 @@ class Run:
         cuda = torch.cuda.is_available()
         plan = plan_placement(rollout_workers=cfg.rollout.num_workers, tensor_parallel=cfg.rollout.tensor_parallel_size,
                               learner_ranks=cfg.learner.num_ranks, reward_workers=cfg.reward.num_workers,
-                              gpus_per_node=torch.cuda.device_count() if cuda else 0, cores=os.cpu_count() or 1)
+                              gpus_per_node=torch.cuda.device_count() if cuda else 0, cores=os.cpu_count() or 1,
+                              colocate=cfg.rollout.colocate)
         lp = plan["learner"]
         split = cpu_threads(cfg, os.cpu_count() or 1)
         threads = split["learner"]
@@ -146,7 +156,8 @@ class Run:
                                       model_path=self.model_path, learner=cfg.learner, algo=cfg.algo, rank=r,
                                       world_size=cfg.learner.num_ranks, master_addr=addr, master_port=port,
                                       cpu_threads=threads, seed=cfg.seed, dtype=cfg.model.dtype,
-                                      temperature=cfg.rollout.temperature, max_len=cfg.rollout.max_tokens))
+                                      temperature=cfg.rollout.temperature, max_len=cfg.rollout.max_tokens,
+                                      decay_steps=self.rl_decay_steps))
         base = rollout_group(self.model_path, cfg)
         self.rollout = RolloutPool(base, self.state, prepare=self._load_policy,
                                    max_workers=max(cfg.rollout.max_workers or 0, cfg.rollout.num_workers),
@@ -217,6 +228,15 @@ class Run:
         handles = self.learner.get(self.learner.call("export_weights"))[0]
         self.ray.get(actor.update_weights.remote(handles, self.state.version))
 
+    def sleep_engines(self) -> dict:
+        """Colocated on GPU: the engines release the device (weights to host memory, KV cache
+        freed) until push_weights wakes them; sync mode, so nothing is in flight."""
+        with self.timeline.span("rollout", "sleep"):
+            slept = self.rollout.broadcast("sleep")
+        self.asleep = True
+        return {"perf/sleep_seconds": max(x["seconds"] for x in slept),
+                "perf/sleep_freed_gib": min(x["freed_gib"] for x in slept)}
+
     def push_weights(self, version: int) -> float:
         """Learner -> every rollout worker (and policy judge), bucketed through the object store.
 
@@ -227,10 +247,18 @@ class Run:
         with self.timeline.span("learner", "export"):
             handles = self.learner.get(self.learner.call("export_weights"))[0]
         limit = self.cfg.train.sync_timeout_s
+        if self.asleep:            # colocated: the weights' memory back first, the KV cache after the push
+            with self.timeline.span("rollout", "wake"):
+                self.rollout.broadcast("wake_up", ["weights"])
         with self.timeline.span("rollout", "update"):
             self.rollout.broadcast("update_weights", handles, version, timeout_s=limit - (time.perf_counter() - t0),
+                                   mode="partial" if self.cfg.train.partial_rollouts else "finish",
                                    what=f"weight sync (version {version}) to the rollout pool "
                                         f"(train.sync_timeout_s={limit})")
+        if self.asleep:
+            with self.timeline.span("rollout", "wake"):
+                self.rollout.broadcast("wake_up", ["kv_cache"])
+            self.asleep = False
         if self.judges and not self.cfg.judge.model_path:    # a busy policy judge takes them later
             self.judges.sync(handles, version, timeout_s=limit,
                              what=f"weight sync (version {version}) to the judge pool (train.sync_timeout_s={limit})")
@@ -359,12 +387,12 @@ class Run:
 
     # ---------------------------------------------------------------- cold start
     def cold_start(self) -> dict:
-        """Brief SFT on worked examples of the training prompts (R1 format)."""
+        """Brief SFT on worked examples of the training prompts (R1 format); checkpointed as step0,
+        so a crash in the GRPO phase resumes without repeating it."""
         from tqdm import tqdm
 
         cfg = self.cfg
-        if cfg.learner.sft_lr:
-            self.learner.get(self.learner.call("set_lr", cfg.learner.sft_lr))
+        self.learner.get(self.learner.call("set_lr", cfg.learner.sft_lr or cfg.learner.lr))
         last, verifiable = {}, [ex for ex in self.train_set if ex["answer"] is not None]
         n = len(self.learner.actors)
         for s in tqdm(range(cfg.train.sft_steps), desc="cold-start SFT", unit="step"):
@@ -373,10 +401,10 @@ class Run:
                                                     for ex in examples])
             last = self.learner.get(self.learner.call_each(
                 "sft_step", [({"input_ids": rows[i::n], "prompt_lens": plens[i::n]},) for i in range(n)]))[0]
-        if cfg.learner.sft_lr:
-            self.learner.get(self.learner.call("set_lr", cfg.learner.lr))
+        self.learner.get(self.learner.call("set_lr", cfg.learner.lr, self.rl_decay_steps))
         self.push_weights(self.state.version + 1)
         self.state.sft_done = True
+        self.checkpoint()
         return last
 
     # ---------------------------------------------------------------- the loop
@@ -415,6 +443,8 @@ class Run:
             if self.judges:
                 metrics.update(self.judge_hook(step, groups))
             if len(batch):
+                if self.sleep_between_phases:     # colocated on GPU: the learner's turn; the push wakes them
+                    metrics.update(self.sleep_engines())
                 metrics.update({k if "/" in k else f"train/{k}": v for k, v in self.train_on(batch).items()})
                 metrics["sync/seconds"] = self.push_weights(st.version + 1)
             if not ahead and step + 1 < cfg.train.steps:
@@ -454,6 +484,7 @@ class Run:
         return {**summarize([x for g in groups for x in g.results]),
                 "rollout/length_mean": sum(lengths) / max(len(lengths), 1),
                 "rollout/length_max": max(lengths, default=0), "rollout/samples": len(rs),
+                "rollout/length_median": statistics.median(lengths) if lengths else 0,
                 "rollout/truncated_frac": sum(r.finish_reason == "length" for r in rs) / max(len(rs), 1),
                 "perf/step_seconds": step_s, "perf/generate_seconds": gen_s,
                 "perf/samples_per_s": len(rs) / step_s, "perf/tokens_per_s": sum(lengths) / step_s,

@@ -64,6 +64,14 @@ def test_cross_field_check_and_every_error_reported():
         build_config({"task": {"b_min": 10, "b_max": 9}})
     with pytest.raises(ConfigError, match="eval_k 4 needs train.eval_temperature > 0"):
         build_config({"train": {"eval_k": 4}})
+    with pytest.raises(ConfigError, match="partial_rollouts needs train.mode=async"):
+        build_config({"train": {"partial_rollouts": True}})
+    assert build_config({"train": {"partial_rollouts": True, "mode": "async"}}).train.partial_rollouts
+    with pytest.raises(ConfigError, match="rollout.colocate needs train.mode=sync"):
+        build_config({"rollout": {"colocate": True}, "train": {"mode": "async"}})
+    with pytest.raises(ConfigError, match="num_workers == learner.num_ranks"):
+        build_config({"rollout": {"colocate": True, "num_workers": 2}})
+    assert build_config({"rollout": {"colocate": True}}).rollout.colocate
 
 
 def test_bad_files_and_overrides(tmp_path):

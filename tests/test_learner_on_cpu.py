@@ -256,7 +256,8 @@ def test_a_resume_takes_the_configs_learning_rate(ray_session, tiny_model_path, 
 
 
 def test_the_warmup_is_linear_restarts_per_phase_and_resumes_where_it_was(ray_session, tiny_model_path, tmp_path):
-    """DeepSpeed's WarmupLR as the learner steps it: step t of a phase gets lr * min(1, (t+1)/warmup)."""
+    """DeepSpeed's WarmupLR as the learner steps it: step t of a phase gets lr * min(1, (t+1)/warmup);
+    with a decay horizon D (learner.lr_decay: linear), lr * (D - t) / (D + 1 - warmup) after the warmup."""
     batch = make_batch(tiny_model_path, seed=6)
     group = learner_group(tiny_model_path, 1, 2, lr=1e-3, warmup_steps=4)
     try:
@@ -266,6 +267,9 @@ def test_the_warmup_is_linear_restarts_per_phase_and_resumes_where_it_was(ray_se
         lrs = [group.get(group.call("train_step", batch))[0]["lr"] for _ in range(2)]
         assert lrs == pytest.approx([5e-4, 1e-3])
         group.get(group.call("save_checkpoint", str(tmp_path / "ckpt"), "mid"))
+        group.get(group.call("set_lr", 1e-3, 6))                 # warmup 4, then down to the horizon 6
+        lrs = [group.get(group.call("train_step", batch))[0]["lr"] for _ in range(6)]
+        assert lrs == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 2e-3 / 3, 1e-3 / 3])
     finally:
         group.kill()
     resumed = learner_group(tiny_model_path, 1, 2, lr=2e-3, warmup_steps=4)

@@ -17,9 +17,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 class _R:      # the Rollout / RewardResult fields build_batch reads
-    def __init__(self, reward=0.0, status="ok", version=3, ids=(7, 8), finish="stop"):
-        self.reward, self.status, self.policy_version = reward, status, version
+    def __init__(self, reward=0.0, status="ok", version=3, ids=(7, 8), finish="stop", versions=None):
+        self.reward, self.status = reward, status
         self.prompt_ids, self.completion_ids, self.logprobs = [1, 2], list(ids), [-0.5] * len(ids)
+        self.token_versions = list(versions or [version] * len(ids))
+        self.policy_version = min(self.token_versions)
         self.finish_reason = finish
 
 
@@ -43,6 +45,19 @@ def test_build_batch_keeps_group_ids_versions_and_drops_failed_stale_and_flat_gr
     assert (m["train/rows"], m["train/groups"]) == (8, 2)
     dynamic, m = build_batch(groups, version=3, max_staleness=1, advantage=std, dynamic_sampling=True)
     assert dynamic.group_ids == [5 * GROUP_ID_STRIDE] * 4 and m["train/zero_variance_groups"] == 1
+
+
+def test_build_batch_counts_staleness_from_a_partial_rollouts_oldest_token():
+    """A partial rollout (tokens from versions 2 and 3) is 1 version old at version 3, 2 at 4."""
+    adv = lambda r, g: group_advantages(r, g, "grpo")                                  # noqa: E731
+    partial = Group(1, {"prompt": "p", "answer": "1"}, [_R(ids=(7, 8, 9, 10), versions=[2, 2, 2, 3]), _R()],
+                    [_R(reward=1.0), _R(reward=0.0)])
+    batch, m = build_batch([partial], version=3, max_staleness=1, advantage=adv, dynamic_sampling=False)
+    assert batch.policy_versions == [2, 3] and m["train/stale_groups"] == 0
+    assert m["async/partial_frac"] == 0.5 and m["async/staleness_max"] == 1
+    assert m["async/token_staleness_mean"] == pytest.approx(3 / 6)           # tokens 1,1,1,0 and 0,0
+    _, m = build_batch([partial], version=4, max_staleness=1, advantage=adv, dynamic_sampling=False)
+    assert m["train/stale_groups"] == 1 and m["train/rows"] == 0
 
 
 def test_batch_shards_balance_tokens_and_keep_every_row_once():

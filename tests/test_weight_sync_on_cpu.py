@@ -143,5 +143,43 @@ def test_continuous_batching_and_sync_points(rollout_worker, ray_session, hf_mod
         time.sleep(0.02)
     ray.get(rollout_worker.update_weights.remote(handles, v + 2, mode="abort"))
     out = ray.get(aborted)
-    assert [r.finish_reason for r in out] == ["abort"] and out[0].completion_ids == []
+    assert [r.finish_reason for r in out] == ["abort", "abort"] and out[0].completion_ids == []
     assert ray.get(rollout_worker.generate.remote(["Hi."], n=1, max_tokens=2))[0].policy_version == v + 2
+
+
+def test_partial_rollouts_continue_under_the_new_weights_and_keep_each_tokens_version(
+        rollout_worker, ray_session, hf_model):
+    """mode "partial", twice: the samples in flight at a sync point stop, the new weights load, and
+    they continue from where they were, within their max_tokens. Each token carries the version
+    that sampled it and that version's logprob (each segment checked against transformers)."""
+    ray = ray_session
+    v = ray.get(rollout_worker.info.remote())["policy_version"]
+    states = [{k: t.clone() for k, t in hf_model.state_dict().items()}]
+    call = rollout_worker.generate.remote(["Tell a long story."], n=2, max_tokens=900, ignore_eos=True, seed=11)
+    for k, seed in enumerate((3, 4), start=1):
+        deadline = time.time() + 60
+        while ray.get(rollout_worker.in_flight_tokens.remote()) < 40 and time.time() < deadline:
+            time.sleep(0.005)                                  # some tokens under the current version
+        _perturb(hf_model, seed=seed)
+        states.append({k: t.clone() for k, t in hf_model.state_dict().items()})
+        ray.get(rollout_worker.update_weights.remote(ObjectStoreTransport.publish(export_state(hf_model)), v + k,
+                                                     mode="partial"))
+    out = ray.get(call)
+    assert len(out) == 2
+    for r in out:
+        counts = [r.token_versions.count(v + k) for k in range(3)]
+        print(f"partial rollout: tokens per version v{v}..v{v + 2}: {counts}")
+        assert r.finish_reason == "length" and len(r.completion_ids) == len(r.logprobs) == 900
+        assert r.token_versions == sorted(r.token_versions) and all(c > 0 for c in counts)
+        assert r.policy_version == v                          # staleness counts from the oldest token
+        seq, behaviour, start = r.prompt_ids + r.completion_ids, torch.tensor(r.logprobs), 0
+        for k, state in enumerate(states):
+            hf_model.load_state_dict(state)
+            ref = _hf_logprobs(hf_model, seq)[-900:]
+            part = slice(start, start + counts[k])
+            assert (behaviour[part] - ref[part]).abs().max() <= 1e-3, f"version {v + k}"
+            if k:        # the versions really differ on these tokens
+                hf_model.load_state_dict(states[k - 1])
+                assert (_hf_logprobs(hf_model, seq)[-900:][part] - ref[part]).abs().max() > 1e-2
+            start += counts[k]
+    hf_model.load_state_dict(states[-1])
