@@ -58,6 +58,31 @@ def ray_session():
 
 
 @pytest.fixture(scope="session")
+def kill_actor(ray_session):
+    """kill_actor(actor): ray.kill, then wait until the actor refuses calls (at most 60 s).
+
+    ray.kill reaches the actor through the GCS while calls go to it directly, so a call made
+    just after the kill may still run; a test that needs the actor dead waits for it here.
+    """
+    import time
+
+    def kill(actor, timeout_s: float = 60.0) -> None:
+        ray_session.kill(actor)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                ray_session.get(actor.__ray_ready__.remote(), timeout=10)
+            except ray_session.exceptions.RayActorError:
+                return
+            except ray_session.exceptions.GetTimeoutError:
+                pass
+            time.sleep(0.1)
+        raise TimeoutError(f"actor {actor} still answers {timeout_s:.0f} s after ray.kill")
+
+    return kill
+
+
+@pytest.fixture(scope="session")
 def rollout_worker(ray_session, tiny_model_path):
     """One RolloutWorker actor (vLLM CPU engine, float32, eager) shared by the session."""
     from drivers.config import build_config

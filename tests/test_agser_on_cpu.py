@@ -190,7 +190,7 @@ def test_agser_on_smollm2_reads_the_ids_vllm_answered_and_matches_a_recomputatio
                                                         - rouge_l(answer_text(r[variant]["y_non_att"]), y))
 
 
-def test_judge_pool_runs_inside_training_and_logs_to_wandb(ray_session, tiny_model_path, tmp_path):
+def test_judge_pool_runs_inside_training_and_logs_to_wandb(ray_session, kill_actor, tiny_model_path, tmp_path):
     import time
 
     from drivers.config import build_config
@@ -207,7 +207,7 @@ def test_judge_pool_runs_inside_training_and_logs_to_wandb(ray_session, tiny_mod
     try:
         run.cfg.train.steps = 2
         run.train()
-        ray_session.kill(run.judges.actors[0])      # a judge dies: step 3 sends its answers to a dead actor
+        kill_actor(run.judges.actors[0])      # a judge dies: step 3 sends its answers to a dead actor
         run.cfg.train.steps = 3
         run.train()
         assert run.state.restarts == 1 and run.state.requeued_prompts == 2

@@ -70,7 +70,7 @@ def test_batch_shards_balance_tokens_and_keep_every_row_once():
     assert RunState.from_dict({**RunState(step=4, tag="step4").to_dict(), "old_key": 1}) == RunState(step=4, tag="step4")
 
 
-def test_a_dead_actor_is_refilled_prepared_and_its_share_redone_once(ray_session):
+def test_a_dead_actor_is_refilled_prepared_and_its_share_redone_once(ray_session, kill_actor):
     from drivers.pools import Pool
     from drivers.ray_utils import ActorGroup
 
@@ -97,10 +97,10 @@ def test_a_dead_actor_is_refilled_prepared_and_its_share_redone_once(ray_session
                 prepare=lambda actor: prepared.append(ray_session.get(actor.prepare.remote())))
     try:
         items = list(range(7))
-        call = lambda chunk, idx: ((chunk,), {"slow": 0.5})                         # noqa: E731
+        call = lambda chunk, idx: ((chunk,), {"slow": 5.0})     # long enough for the kill to land  # noqa: E731
         pending = pool.launch("work", items, call)
         dead = pool.actors[1]
-        ray_session.kill(dead)                                  # dies holding items 1, 3, 5
+        kill_actor(dead)                                        # dies holding items 1, 3, 5
         out = pool.gather(pending)
         assert [x for x, _ in out] == items                     # in order, each once
         assert len({pid for _, pid in out}) == 2 and pool.actors[1] is not dead
@@ -108,9 +108,7 @@ def test_a_dead_actor_is_refilled_prepared_and_its_share_redone_once(ray_session
         again = pool.map_sharded("work", items, lambda chunk, idx: ((chunk,), {}))
         assert [x for x, _ in again] == items and state.restarts == 1   # nothing more to recover
         gone = pool.actors[0]
-        ray_session.kill(gone)
-        with pytest.raises(ray_session.exceptions.RayActorError):
-            ray_session.get(gone.prepare.remote())                           # dead by now
+        kill_actor(gone)                                                     # dead by now
         assert len(pool.broadcast("prepare")) == 2 and state.restarts == 2   # broadcast recovers too
         assert pool.actors[0] is not gone
     finally:

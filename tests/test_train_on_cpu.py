@@ -216,7 +216,7 @@ def test_dynamic_sampling_drops_flat_groups_and_refills(ray_session, tiny_model_
 
 
 def test_faults_workers_die_sync_stalls_learner_crashes_and_nothing_is_lost(uninterrupted, tiny_model_path,
-                                                                            tmp_path, ray_session):
+                                                                            tmp_path, ray_session, kill_actor):
     """Kill a rollout and a reward worker mid-run, stall a weight sync, kill the learner; resume.
 
     Every step must equal the uninterrupted run's (same samples, same loss): the restarted rollout
@@ -230,8 +230,8 @@ def test_faults_workers_die_sync_stalls_learner_crashes_and_nothing_is_lost(unin
     history = []
     try:
         run.train()
-        ray_session.kill(run.rollout.actors[0])                      # fault 1: the rollout worker dies
-        ray_session.kill(run.rewards.actors[0])                # fault 2: the reward worker dies
+        kill_actor(run.rollout.actors[0])                      # fault 1: the rollout worker dies
+        kill_actor(run.rewards.actors[0])                # fault 2: the reward worker dies
         run.cfg.train.steps = 3
         run.train()
         assert run.state.restarts == 2 and run.state.requeued_prompts == 4
@@ -246,7 +246,7 @@ def test_faults_workers_die_sync_stalls_learner_crashes_and_nothing_is_lost(unin
         assert time.perf_counter() - t0 < 5
         ray_session.get(busy)
         run.cfg.train.sync_timeout_s = 600
-        ray_session.kill(run.learner.actors[0])                # fault 4: the learner rank crashes
+        kill_actor(run.learner.actors[0])                # fault 4: the learner rank crashes
         run.cfg.train.steps = 4
         with pytest.raises(ray_session.exceptions.RayActorError):
             run.train()
