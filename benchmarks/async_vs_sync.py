@@ -14,25 +14,18 @@ import argparse
 import json
 import statistics
 import tempfile
-import time
 from pathlib import Path
+
+from harness import train_rows   # benchmarks/ is the script's directory
 
 
 def run_mode(base: dict, overrides: list[str], out: Path, mode: str, model_path: str, steps: int) -> dict:
     from drivers.config import build_config
-    from drivers.train import Run
 
     cfg = build_config(base, overrides + [f"train.mode={mode}", f"train.steps={steps}", "train.sft_steps=0",
                                           f"run.output_dir={out / mode}", f"model.path={model_path}",
                                           "train.checkpoint_every=1000000", "run.wandb_mode=disabled"])
-    run = Run(cfg)
-    try:
-        t0 = time.perf_counter()
-        run.train()
-        wall = time.perf_counter() - t0
-        rows = [r for r in run.logger.history() if "reward/mean" in r]
-    finally:
-        run.close()
+    rows, wall = train_rows(cfg)
     rl_time = sum(r["perf/step_seconds"] for r in rows)
     samples = sum(r["rollout/samples"] for r in rows)
     tail = rows[-max(1, len(rows) // 3):]

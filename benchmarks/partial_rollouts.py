@@ -19,26 +19,19 @@ import argparse
 import json
 import statistics
 import tempfile
-import time
 from pathlib import Path
+
+from harness import train_rows   # benchmarks/ is the script's directory
 
 
 def run_mode(base: dict, overrides: list[str], out: Path, partial: bool, steps: int) -> dict:
     from drivers.config import build_config
-    from drivers.train import Run
 
     name = "partial" if partial else "drain"
     cfg = build_config(base, overrides + [f"train.partial_rollouts={str(partial).lower()}", f"train.steps={steps}",
                                           f"run.output_dir={out / name}", "train.checkpoint_every=1000000",
                                           "train.eval_every=0", "run.wandb_mode=disabled"])
-    run = Run(cfg)
-    try:
-        t0 = time.perf_counter()
-        run.train()
-        wall = time.perf_counter() - t0
-        rows = [r for r in run.logger.history() if "reward/mean" in r]
-    finally:
-        run.close()
+    rows, wall = train_rows(cfg)
     rl_time = sum(r["perf/step_seconds"] for r in rows)
     tail = rows[-max(1, len(rows) // 3):]
     return {"samples_per_s": round(sum(r["rollout/samples"] for r in rows) / rl_time, 3),

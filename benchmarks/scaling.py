@@ -18,6 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from harness import train_rows   # benchmarks/ is the script's directory
+
 CENTRE = {"rollout.group_size": 8, "rollout.max_tokens": 48, "rollout.num_workers": 1}
 AXES = {"rollout.group_size": [4, 8, 16], "rollout.max_tokens": [24, 48, 96], "rollout.num_workers": [1, 2]}
 PARTS = {"generate": "perf/generate_seconds", "score": "perf/score_seconds", "learner": "train/step_seconds", "sync": "sync/seconds"}
@@ -26,19 +28,13 @@ PARTS = {"generate": "perf/generate_seconds", "score": "perf/score_seconds", "le
 def measure(base: dict, overrides: list[str], point: dict, out: Path, steps: int, model_path: str) -> dict:
     """Median step time and its parts over steps 2..`steps` of one sync run at `point`."""
     from drivers.config import build_config
-    from drivers.train import Run
 
     name = "-".join(f"{k.split('.')[-1]}{v}" for k, v in point.items())
     cfg = build_config(base, overrides + [f"{k}={v}" for k, v in point.items()] + [
         "train.mode=sync", f"train.steps={steps}", "train.sft_steps=0", "train.eval_every=0",
         "train.checkpoint_every=1000000", "run.wandb_mode=disabled", f"run.output_dir={out / name}",
         f"model.path={model_path}", "task.heldout=8"])
-    run = Run(cfg)
-    try:
-        run.train()
-        rows = [r for r in run.logger.history() if "perf/step_seconds" in r][1:]
-    finally:
-        run.close()
+    rows = train_rows(cfg, key="perf/step_seconds")[0][1:]
     med = {part: round(statistics.median(r.get(key, 0.0) for r in rows), 3) for part, key in PARTS.items()}
     return {**point, "step_seconds": round(statistics.median(r["perf/step_seconds"] for r in rows), 3), **med,
             "samples_per_step": rows[-1]["rollout/samples"],

@@ -60,13 +60,19 @@ def plan_placement(*, rollout_workers: int, tensor_parallel: int, learner_ranks:
     return plan
 
 
+def config_plan(cfg, cores: int, gpus_per_node: int = 0) -> dict:
+    """plan_placement for a Config: its group sizes, mode, async split and colocation."""
+    return plan_placement(rollout_workers=cfg.rollout.num_workers, tensor_parallel=cfg.rollout.tensor_parallel_size,
+                          learner_ranks=cfg.learner.num_ranks, reward_workers=cfg.reward.num_workers,
+                          gpus_per_node=gpus_per_node, cores=cores, colocate=cfg.rollout.colocate,
+                          mode=cfg.train.mode, rollout_share=cfg.train.async_rollout_share)
+
+
 def cpu_threads(cfg, cores: int) -> dict[str, int]:
     """CPU threads of each rollout engine and learner rank for a Config: plan_placement's split
     for its mode, unless rollout.cpu_threads / learner.cpu_threads set them by hand (in async mode
     the learner then gets the cores the engines leave). Counts the driver node's cores."""
-    plan = plan_placement(rollout_workers=cfg.rollout.num_workers, tensor_parallel=1, learner_ranks=cfg.learner.num_ranks,
-                          reward_workers=cfg.reward.num_workers, gpus_per_node=0, cores=cores, mode=cfg.train.mode,
-                          rollout_share=cfg.train.async_rollout_share)
+    plan = config_plan(cfg, cores)
     rollout = cfg.rollout.cpu_threads or plan["rollout"].threads
     learner = plan["learner"].threads
     if cfg.train.mode == "async" and cfg.rollout.cpu_threads:

@@ -82,15 +82,19 @@ def rollout_resources(cfg) -> dict:
     """A rollout worker's Ray options from a Config: 1 logical CPU, tensor_parallel_size GPUs on
     GPU machines (half each when rollout.colocate), its engine's OpenMP threads (drivers.placement.cpu_threads), and a threaded
     actor (concurrent generate() calls share one continuously batched engine)."""
+    from drivers.placement import config_plan, cpu_threads
+
+    cores = os.cpu_count() or 1
+    gpus = config_plan(cfg, cores, visible_gpus())["rollout"].num_gpus
+    threads = cpu_threads(cfg, cores)["rollout"]
+    return dict(num_cpus=1, num_gpus=gpus, max_concurrency=16, env={"OMP_NUM_THREADS": str(threads)})
+
+
+def visible_gpus() -> int:
+    """CUDA devices this process sees (0 without CUDA)."""
     import torch
 
-    from drivers.placement import cpu_threads
-
-    gpus = cfg.rollout.tensor_parallel_size if torch.cuda.is_available() else 0
-    if cfg.rollout.colocate:            # half of each device: the learner rank takes the other half
-        gpus *= 0.5
-    threads = cpu_threads(cfg, os.cpu_count() or 1)["rollout"]
-    return dict(num_cpus=1, num_gpus=gpus, max_concurrency=16, env={"OMP_NUM_THREADS": str(threads)})
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 def _rollout_kwargs(model_path: str, cfg) -> dict:

@@ -134,16 +134,12 @@ class Run:
         """The learner ranks, then the pools; each built from its own config section."""
         from actors.learner import Learner
         from actors.rewards import RewardWorker
-        from drivers.placement import cpu_threads, plan_placement
-        from drivers.ray_utils import ActorGroup, rollout_group, rollout_worker_actor
+        from drivers.placement import config_plan, cpu_threads
+        from drivers.ray_utils import ActorGroup, rollout_group, rollout_worker_actor, visible_gpus
 
         cfg = self.cfg
         cuda = torch.cuda.is_available()
-        plan = plan_placement(rollout_workers=cfg.rollout.num_workers, tensor_parallel=cfg.rollout.tensor_parallel_size,
-                              learner_ranks=cfg.learner.num_ranks, reward_workers=cfg.reward.num_workers,
-                              gpus_per_node=torch.cuda.device_count() if cuda else 0, cores=os.cpu_count() or 1,
-                              colocate=cfg.rollout.colocate)
-        lp = plan["learner"]
+        lp = config_plan(cfg, os.cpu_count() or 1, visible_gpus())["learner"]
         split = cpu_threads(cfg, os.cpu_count() or 1)
         threads = split["learner"]
         if not cuda:

@@ -2,7 +2,6 @@
 one GPU and take turns; vLLM sleeps (level 1) while the learner trains and wakes for the push.
 Skipped on CPU machines (see conftest)."""
 import pytest
-import torch
 
 SMALL = {
     "task": {"a_max": 20, "b_max": 3, "heldout": 8},
@@ -12,6 +11,14 @@ SMALL = {
     "reward": {"weights": {"accuracy": 1.0, "format": 0.5}},
     "train": {"prompts_per_step": 4, "sft_steps": 2, "sft_batch_size": 8, "steps": 3, "checkpoint_every": 100},
 }
+
+
+def _device(actor) -> dict:
+    """Inside an actor: the GPU ids Ray gave it and the UUID of the device torch uses."""
+    import ray
+    import torch
+
+    return {"ray_gpus": [str(g) for g in ray.get_gpu_ids()], "uuid": str(torch.cuda.get_device_properties(0).uuid)}
 
 
 @pytest.mark.gpu
@@ -29,9 +36,11 @@ def test_colocated_engine_sleeps_while_the_learner_trains_and_wakes_with_its_wei
         engine = run.rollout.actors[0]
         learner_sum = float(sum(t.double().sum() for t in run.learner.get(run.learner.call("get_state_dict"))[0].values()))
         engine_sum = ray_session.get(engine.checksum.remote())
+        where = [ray_session.get(a.__ray_call__.remote(_device)) for a in (engine, run.learner.actors[0])]
     finally:
         run.close()
-    # on a 1-GPU machine the two halves can only be placed together (Ray: 0.5 GPU each)
-    assert len(rows) == 3 and torch.cuda.device_count() >= 1
+    assert where[0]["ray_gpus"] == where[1]["ray_gpus"] and len(where[0]["ray_gpus"]) == 1, where   # one GPU, shared
+    assert where[0]["uuid"] == where[1]["uuid"], where                 # the same physical device
+    assert len(rows) == 3
     assert all(r["perf/sleep_freed_gib"] > 0.05 for r in rows)      # the KV cache (and weights) left the GPU
     assert engine_sum == pytest.approx(learner_sum, rel=1e-5)       # woken, then loaded with the learner's weights

@@ -89,6 +89,13 @@ def test_placement_arithmetic():
     col = plan_placement(rollout_workers=2, tensor_parallel=2, learner_ranks=4, reward_workers=1,
                          gpus_per_node=8, cores=32, colocate=True)
     assert col["total_gpus"] == 4 and col["rollout"].num_gpus == 1.0 and col["learner"].num_gpus == 0.5
+    # a Config's plan (what the actors ask Ray for): colocated engine and rank take half the GPU each
+    from drivers.config import build_config
+    from drivers.placement import config_plan
+
+    colo = config_plan(build_config({"rollout": {"colocate": True}}), cores=16, gpus_per_node=1)
+    assert (colo["rollout"].num_gpus, colo["learner"].num_gpus, colo["total_gpus"]) == (0.5, 0.5, 1)
+    assert config_plan(build_config({}), cores=16, gpus_per_node=2)["total_gpus"] == 2
     big = plan_placement(rollout_workers=6, tensor_parallel=4, learner_ranks=16, reward_workers=1,
                          gpus_per_node=8, cores=32)
     assert big["total_gpus"] == 40 and big["gpu_nodes"] == 5
