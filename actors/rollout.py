@@ -122,9 +122,27 @@ class RolloutWorker:
             started.set_exception(err)
             return
         started.set_result(True)
-        held: list[tuple] = []       # adds that arrived while a sync point is pending
+        held: list[tuple] = []       # adds and syncs that arrived while a sync point is pending
         paused: list[_Request] = []  # partial rollouts to continue after the sync point
         barrier = None               # (fn, future) waiting for the engine to drain
+
+        def handle(cmd) -> None:
+            nonlocal barrier, paused
+            if barrier is not None:  # one sync point at a time: the rest wait, in their order
+                held.append(cmd)
+            elif cmd[0] == "add":    # a whole generate() call joins the batch at once
+                self._admit(cmd[1])
+            else:
+                _, fn, fut, how = cmd
+                if how == "abort":
+                    self._abort_all()
+                elif how == "partial":
+                    try:
+                        paused += self._pause_all()
+                    except Exception:  # noqa: BLE001 - vLLM internals changed: abort instead
+                        self._abort_all()
+                barrier = (fn, fut)
+
         while not self._stop:
             idle = barrier is None and not self.engine.has_unfinished_requests()
             try:  # block only when there is nothing to step and no sync point to reach
@@ -132,24 +150,9 @@ class RolloutWorker:
             except queue.Empty:
                 cmd = None
             if cmd is not None:
-                kind = cmd[0]
-                if kind == "add":  # a whole generate() call joins the batch at once
-                    if barrier is None:
-                        self._admit(cmd[1])
-                    else:
-                        held.append(cmd)
-                elif kind == "sync":
-                    _, fn, fut, how = cmd
-                    if how == "abort":
-                        self._abort_all()
-                    elif how == "partial":
-                        try:
-                            paused += self._pause_all()
-                        except Exception:  # noqa: BLE001 - vLLM internals changed: abort instead
-                            self._abort_all()
-                    barrier = (fn, fut)
-                elif kind == "stop":
+                if cmd[0] == "stop":
                     break
+                handle(cmd)
                 continue  # drain every queued command before stepping
             if barrier is not None and not self.engine.has_unfinished_requests():
                 fn, fut = barrier
@@ -165,9 +168,9 @@ class RolloutWorker:
                         if not req.future.done():
                             req.future.set_result(None)
                 paused = []
-                for _, reqs in held:
-                    self._admit(reqs)
-                held = []
+                replay, held[:] = list(held), []
+                for cmd in replay:   # the next held sync (if any) sets a new barrier; adds after it wait again
+                    handle(cmd)
                 continue
             if self.engine.has_unfinished_requests():
                 try:

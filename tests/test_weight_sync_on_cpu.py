@@ -146,6 +146,19 @@ def test_continuous_batching_and_sync_points(rollout_worker, ray_session, hf_mod
     assert [r.finish_reason for r in out] == ["abort", "abort"] and out[0].completion_ids == []
     assert ray.get(rollout_worker.generate.remote(["Hi."], n=1, max_tokens=2))[0].policy_version == v + 2
 
+    # a second sync command while a "finish" sync point waits runs after it (it used to replace it,
+    # and the first caller waited forever)
+    busy = rollout_worker.generate.remote(["Tell a long story."], n=8, max_tokens=900, ignore_eos=True)
+    while ray.get(rollout_worker.num_in_flight.remote()) == 0 and time.time() < deadline + 60:
+        time.sleep(0.02)
+    update = rollout_worker.update_weights.remote(handles, v + 3, mode="finish")
+    second = rollout_worker.update_weights.remote(handles, v + 4, mode="finish")
+    assert not ray.wait([busy], timeout=0)[0]                        # both arrived while it generated
+    first_out, second_out = ray.get([update, second], timeout=120)
+    assert (first_out["version"], second_out["version"]) == (v + 3, v + 4)
+    assert all(r.policy_version == v + 2 and len(r.completion_ids) == 900 for r in ray.get(busy))
+    assert ray.get(rollout_worker.info.remote())["policy_version"] == v + 4
+
 
 def test_partial_rollouts_continue_under_the_new_weights_and_keep_each_tokens_version(
         rollout_worker, ray_session, hf_model):
