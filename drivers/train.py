@@ -139,7 +139,8 @@ class Run:
 
         cfg = self.cfg
         cuda = torch.cuda.is_available()
-        lp = config_plan(cfg, os.cpu_count() or 1, visible_gpus())["learner"]
+        plan = config_plan(cfg, os.cpu_count() or 1, visible_gpus())
+        lp = plan["learner"]
         split = cpu_threads(cfg, os.cpu_count() or 1)
         threads = split["learner"]
         if not cuda:
