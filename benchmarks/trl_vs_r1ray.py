@@ -1,15 +1,21 @@
-"""r1ray (sync and async) vs TRL's GRPOTrainer on the tiny config, in one run.
+"""r1ray (sync and async) vs TRL's GRPOTrainer on one config, in one run.
 
     make bench-trl            # installs TRL (benchmarks/requirements-trl.txt, within the pins), runs this
-    .venv/bin/python benchmarks/trl_vs_r1ray.py [--steps 12] [--sft-steps 150]
+    .venv/bin/python benchmarks/trl_vs_r1ray.py [--config configs/tiny.yaml] [--steps 12] [--sft-steps 150]
+        [--set key=value ...]
+
+    # the second scale: SmolLM2-135M-Instruct from its base weights (no cold start)
+    .venv/bin/python benchmarks/trl_vs_r1ray.py --config configs/smollm2-zero.yaml --steps 3 --sft-steps 0
 
 All three start from the same cold-start checkpoint (one r1ray SFT run) and train `--steps` GRPO
 steps with the same prompts in the same order, G, completion length, temperature, learning rate
 (constant, no warmup), clip range (0.2 / 0.28), beta 0, token-mean loss and the same reward
-function (actors/rewards.py: accuracy + 0.2 format). TRL generates with transformers (its CPU
-path; TRL's vLLM modes need CUDA) and gets both cores; r1ray gives its rollout engine and its
-learner one core each. Prints JSON: completions/s and seconds per step of each, final reward
-(mean over the last third of the steps) and the ratios against the goal (r1ray >= 3x TRL).
+function (actors/rewards.py: accuracy + 0.2 format); `--set` overrides apply to both sides.
+TRL generates with transformers (its CPU path; TRL's vLLM modes need CUDA) and gets every core;
+r1ray places its threads as it does by default (drivers/placement.py): in sync mode generation
+and learning take turns on every core, in async mode they split the cores. Prints JSON:
+completions/s and seconds per step of each, final reward (mean over the last third of the
+steps) and the ratios against the goal (r1ray >= 3x TRL).
 """
 from __future__ import annotations
 
@@ -24,7 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
-def run_trl(base: dict, start: str, out: Path, steps: int, threads: int) -> dict:
+def run_trl(base: dict, overrides: list[str], start: str, out: Path, steps: int, threads: int) -> dict:
     import torch
     from datasets import Dataset
     from transformers import AutoTokenizer, TrainerCallback
@@ -37,7 +43,7 @@ def run_trl(base: dict, start: str, out: Path, steps: int, threads: int) -> dict
     from drivers.train import load_task
 
     torch.set_num_threads(threads)
-    cfg = build_config(base)
+    cfg = build_config(base, overrides)
     train_set, _, _ = load_task(cfg)
     P, G = cfg.train.prompts_per_step, cfg.rollout.group_size
     # r1ray's data order: step s trains on step_prompts(train_set, s, P, seed)
@@ -92,6 +98,7 @@ def main():
     ap.add_argument("--config", default="configs/tiny.yaml")
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--sft-steps", type=int, default=150)
+    ap.add_argument("--set", nargs="*", default=[], help="config overrides for both sides (key=value)")
     a = ap.parse_args()
     try:
         import trl  # noqa: F401
@@ -103,22 +110,26 @@ def main():
     import yaml
 
     from async_vs_sync import cold_start_checkpoint, run_mode
+    from drivers.config import build_config
+    from drivers.placement import cpu_threads
 
     base = yaml.safe_load(Path(a.config).read_text())
     base.setdefault("learner", {})["warmup_steps"] = 0
-    threads = ["rollout.cpu_threads=1", "learner.cpu_threads=1"]
+    overrides = list(a.set)
     out = Path(tempfile.mkdtemp(prefix="r1ray_trl_"))
-    start = cold_start_checkpoint(base, threads, out, a.sft_steps)
+    start = cold_start_checkpoint(base, overrides, out, a.sft_steps)
     try:
-        result = {m: run_mode(base, threads, out, m, start, a.steps) for m in ("sync", "async")}
+        result = {m: run_mode(base, overrides, out, m, start, a.steps) for m in ("sync", "async")}
     finally:
         ray.shutdown()
-    for m in result.values():
+    for mode, m in result.items():
         m["seconds_per_step"] = round(m["rl_seconds"] / a.steps, 2)
-    result["trl"] = run_trl(base, start, out, a.steps, threads=os.cpu_count() or 1)
+        m["threads"] = cpu_threads(build_config(base, overrides + [f"train.mode={mode}"]), os.cpu_count() or 1)
+    result["trl"] = run_trl(base, overrides, start, out, a.steps, threads=os.cpu_count() or 1)
     trl_rate = result["trl"]["samples_per_s"]
     ratios = {f"r1ray_{m}_over_trl": round(result[m]["samples_per_s"] / trl_rate, 2) for m in ("sync", "async")}
-    print(json.dumps({"device": "cpu", "steps": a.steps, "sft_steps": a.sft_steps, **result, **ratios,
+    print(json.dumps({"device": "cpu", "config": a.config, "overrides": overrides, "steps": a.steps,
+                      "sft_steps": a.sft_steps, **result, **ratios,
                       "goal_min": 3.0, "meets_goal": max(ratios.values()) >= 3.0}, indent=1))
 
 

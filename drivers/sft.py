@@ -45,7 +45,6 @@ def run_sft(model: str, data: str, out: str, *, epochs: float = 2.0, batch_size:
     if holds_other_files(Path(out)):
         raise FileExistsError(f"--out {out} holds files that are not an HF model folder: the model is written "
                               "there as a whole folder, so give an empty or new one")
-    import ray
     import torch
     from tqdm import tqdm
     from transformers import AutoTokenizer

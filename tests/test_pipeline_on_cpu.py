@@ -1,8 +1,6 @@
 """The R1 pipeline: the pure pieces by hand, then every stage on the tiny model (shortened)."""
 import json
 
-import pytest
-
 from actors.rewards import RewardResult, score_one
 from drivers.pipeline import cold_start_demo, keep_sample
 

@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from actors.batch import GROUP_ID_STRIDE, Batch, Group, build_batch, group_uid
 from actors.grpo import group_advantages

@@ -5,7 +5,6 @@ PIDs recorded and only those stopped.
 """
 import json
 import time
-from pathlib import Path
 
 import pytest
 
