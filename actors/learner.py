@@ -431,15 +431,20 @@ class Learner:
             return deepspeed.zero.GatheredParameters(list(self.engine.module.parameters()), modifier_rank=None)
         return contextlib.nullcontext()
 
-    def export_weights(self, bucket_bytes: int = DEFAULT_BUCKET_BYTES):
+    def export_weights(self, bucket_bytes: int = DEFAULT_BUCKET_BYTES, release_cache: bool = False):
         """Full-precision (name, tensor) buckets in the object store; rank 0 returns the
-        handles, other ranks None. Collective: call on all ranks."""
+        handles, other ranks None. Collective: call on all ranks. release_cache (colocated on a
+        GPU): hand the allocator's cached blocks back to the device afterwards, so that the
+        engine waking up next can take them for its KV cache."""
+        handles = None
         with self._gathered():
-            if self.rank != 0:
-                return None
-            named = [(n, p.detach().float() if p.dtype != torch.float32 else p.detach())
-                     for n, p in self.engine.module.named_parameters()]
-            return ObjectStoreTransport.publish(named, bucket_bytes)
+            if self.rank == 0:
+                named = [(n, p.detach().float() if p.dtype != torch.float32 else p.detach())
+                         for n, p in self.engine.module.named_parameters()]
+                handles = ObjectStoreTransport.publish(named, bucket_bytes)
+        if release_cache and self.cuda:
+            torch.cuda.empty_cache()
+        return handles
 
     def set_lr(self, lr: float, decay_steps: int = 0) -> None:
         """Start a phase (e.g. SFT, then RL) at `lr`: the linear warmup starts again, and with

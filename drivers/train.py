@@ -242,7 +242,7 @@ class Run:
         """
         t0 = time.perf_counter()
         with self.timeline.span("learner", "export"):
-            handles = self.learner.get(self.learner.call("export_weights"))[0]
+            handles = self.learner.get(self.learner.call("export_weights", release_cache=self.asleep))[0]
         limit = self.cfg.train.sync_timeout_s
         if self.asleep:            # colocated: the weights' memory back first, the KV cache after the push
             with self.timeline.span("rollout", "wake"):

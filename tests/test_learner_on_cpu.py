@@ -176,7 +176,7 @@ def test_resume_nan_guard_sft_and_export(ray_session, tiny_model_path, tmp_path,
         assert nlls[-1] < nlls[0]
 
         # export -> rollout engine: vLLM's logprobs equal the learner's weights' logprobs
-        handles = group.get(group.call("export_weights"))[0]
+        handles = group.get(group.call("export_weights", release_cache=True))[0]
         state = group.get(group.call("get_state_dict"))[0]
         version = ray.get(rollout_worker.info.remote())["policy_version"] + 1
         ray.get(rollout_worker.update_weights.remote(handles, version))
