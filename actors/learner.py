@@ -442,6 +442,7 @@ class Learner:
                 named = [(n, p.detach().float() if p.dtype != torch.float32 else p.detach())
                          for n, p in self.engine.module.named_parameters()]
                 handles = ObjectStoreTransport.publish(named, bucket_bytes)
+                del named       # fp32 copies (bf16 model) or gathered ZeRO-3 views: not cached below
         if release_cache and self.cuda:
             torch.cuda.empty_cache()
         return handles

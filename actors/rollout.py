@@ -102,6 +102,8 @@ class RolloutWorker:
         self._ids = itertools.count()
         self._commands: queue.Queue = queue.Queue()
         self._in_flight: dict[str, _Request] = {}
+        self._syncs_waiting = 0       # sync points queued or held, not yet run (callers' threads)
+        self._syncs_lock = threading.Lock()
         self._stop = False
         # The engine is built on the thread that steps it: on CPU, vLLM binds the OpenMP
         # threads of the thread that initialises it (stepping from another thread ran ~20% slower).
@@ -143,46 +145,66 @@ class RolloutWorker:
                         self._abort_all()
                 barrier = (fn, fut)
 
-        while not self._stop:
-            idle = barrier is None and not self.engine.has_unfinished_requests()
-            try:  # block only when there is nothing to step and no sync point to reach
-                cmd = self._commands.get() if idle else self._commands.get_nowait()
-            except queue.Empty:
-                cmd = None
-            if cmd is not None:
-                if cmd[0] == "stop":
-                    break
-                handle(cmd)
-                continue  # drain every queued command before stepping
-            if barrier is not None and not self.engine.has_unfinished_requests():
-                fn, fut = barrier
-                barrier = None
-                try:
-                    fut.set_result(fn())
-                except Exception as err:  # noqa: BLE001
-                    fut.set_exception(err)
-                try:
-                    self._admit(self._continuations(paused))
-                except Exception:  # noqa: BLE001 - never lose the callers: their samples come back "abort"
-                    for req in paused:
-                        if not req.future.done():
-                            req.future.set_result(None)
-                paused = []
-                replay, held[:] = list(held), []
-                for cmd in replay:   # the next held sync (if any) sets a new barrier; adds after it wait again
+        try:
+            while not self._stop:
+                idle = barrier is None and not self.engine.has_unfinished_requests()
+                try:  # block only when there is nothing to step and no sync point to reach
+                    cmd = self._commands.get() if idle else self._commands.get_nowait()
+                except queue.Empty:
+                    cmd = None
+                if cmd is not None:
+                    if cmd[0] == "stop":
+                        break
                     handle(cmd)
-                continue
-            if self.engine.has_unfinished_requests():
-                try:
-                    outputs = self.engine.step()
-                except Exception as err:  # noqa: BLE001 - fail the callers, keep the thread
-                    for req in self._in_flight.values():
-                        req.future.set_exception(err)
-                    self._in_flight.clear()
+                    continue  # drain every queued command before stepping
+                if barrier is not None and not self.engine.has_unfinished_requests():
+                    fn, fut = barrier
+                    barrier = None
+                    try:
+                        fut.set_result(fn())
+                    except Exception as err:  # noqa: BLE001
+                        fut.set_exception(err)
+                    try:
+                        self._admit(self._continuations(paused))
+                    except Exception:  # noqa: BLE001 - never lose the callers: their samples come back "abort"
+                        for req in paused:
+                            if not req.future.done():
+                                req.future.set_result(None)
+                    paused = []
+                    replay, held[:] = list(held), []
+                    for cmd in replay:   # the next held sync (if any) sets a new barrier; adds after it wait again
+                        handle(cmd)
                     continue
-                for out in outputs:
-                    if out.finished and out.request_id in self._in_flight:
-                        self._in_flight.pop(out.request_id).future.set_result(out)
+                if self.engine.has_unfinished_requests():
+                    try:
+                        outputs = self.engine.step()
+                    except Exception as err:  # noqa: BLE001 - fail the callers, keep the thread
+                        for req in self._in_flight.values():
+                            req.future.set_exception(err)
+                        self._in_flight.clear()
+                        continue
+                    for out in outputs:
+                        if out.finished and out.request_id in self._in_flight:
+                            self._in_flight.pop(out.request_id).future.set_result(out)
+        finally:  # the thread ends (stop, or an error no branch caught): no caller waits forever
+            self._fail_waiting(held, paused, barrier)
+
+    def _fail_waiting(self, held: list[tuple], paused: list[_Request], barrier) -> None:
+        """The engine thread is ending: every future a caller still waits on gets an error."""
+        err = RuntimeError("the rollout engine thread stopped")
+        futures = [req.future for req in [*self._in_flight.values(), *paused]] + ([barrier[1]] if barrier else [])
+        pending = list(held)
+        while True:
+            try:
+                pending.append(self._commands.get_nowait())
+            except queue.Empty:
+                break
+        for cmd in pending:
+            futures += [req.future for req in cmd[1]] if cmd[0] == "add" else [cmd[2]] if cmd[0] == "sync" else []
+        for fut in futures:
+            if not fut.done():
+                fut.set_exception(err)
+        self._in_flight.clear()
 
     def _admit(self, reqs: list[_Request]) -> None:
         from vllm import TokensPrompt
@@ -269,7 +291,13 @@ class RolloutWorker:
         "abort" or "partial" (they are paused and continue under what fn loaded)."""
         fut: Future = Future()
         self._commands.put(("sync", fn, fut, how))
-        return fut.result()
+        with self._syncs_lock:
+            self._syncs_waiting += 1
+        try:
+            return fut.result()
+        finally:
+            with self._syncs_lock:
+                self._syncs_waiting -= 1
 
     # ------------------------------------------------------------------ public API
     def render_prompts(self, prompts: list[str]) -> list[list[int]]:
@@ -424,12 +452,13 @@ class RolloutWorker:
         return 0
 
     def info(self) -> dict:
-        """Engine facts for logs: init seconds, policy version, pid, Ray node, last sync seconds."""
+        """Engine facts for logs: init seconds, policy version, pid, Ray node, last sync seconds,
+        sync points waiting for the engine (queued or held behind another)."""
         import ray
 
         node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
         return {"init_seconds": round(self.init_seconds, 2), "policy_version": self.policy_version,
-                "pid": os.getpid(), "node_id": node,
+                "pid": os.getpid(), "node_id": node, "syncs_waiting": self._syncs_waiting,
                 "last_sync_s": self.sync_seconds[-1] if self.sync_seconds else None}
 
     def close(self) -> None:

@@ -13,19 +13,18 @@ SMALL = {
 }
 
 
-def _device(actor) -> dict:
-    """Inside an actor: the GPU ids Ray gave it and the UUID of the device torch uses."""
-    import ray
-    import torch
-
-    return {"ray_gpus": [str(g) for g in ray.get_gpu_ids()], "uuid": str(torch.cuda.get_device_properties(0).uuid)}
-
-
 @pytest.mark.gpu
 def test_colocated_engine_sleeps_while_the_learner_trains_and_wakes_with_its_weights(ray_session, tiny_model_path,
                                                                                       tmp_path):
     from drivers.config import build_config
     from drivers.train import Run
+
+    def _device(actor) -> dict:   # defined here: Ray ships it by value (tests/ is not on the workers' path)
+        """Inside an actor: the GPU ids Ray gave it and the UUID of the device torch uses."""
+        import ray
+        import torch
+
+        return {"ray_gpus": [str(g) for g in ray.get_gpu_ids()], "uuid": str(torch.cuda.get_device_properties(0).uuid)}
 
     cfg = build_config({**SMALL, "run": {"name": "colo", "output_dir": str(tmp_path / "colo"), "wandb_mode": "disabled"},
                         "model": {"path": tiny_model_path}})

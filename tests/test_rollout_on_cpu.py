@@ -35,3 +35,29 @@ def test_vllm_logprobs_match_transformers_fp32(sampled, tiny_model_path):
         worst = max(worst, (hf - torch.tensor(r.logprobs)).abs().max().item())
     print(f"max |logp_vllm - logp_hf| = {worst:.2e} over {sum(len(r.logprobs) for r in sampled)} tokens")
     assert worst <= 1e-3
+
+
+def test_an_ending_engine_thread_fails_every_waiting_caller():
+    """_fail_waiting (the engine loop's exit): in-flight, paused, held and still-queued requests
+    and sync points all get an error; what is already resolved keeps its result."""
+    import queue
+    from concurrent.futures import Future
+
+    from actors.rollout import RolloutWorker, _Request
+
+    def req():
+        return _Request(0, "p", [1], None, Future())
+
+    worker = RolloutWorker.__new__(RolloutWorker)           # no engine: the bookkeeping only
+    flying, paused, held_add, queued_add, done = req(), req(), req(), req(), req()
+    done.future.set_result("kept")
+    worker._in_flight = {"r0": flying, "r1": done}
+    worker._commands = queue.Queue()
+    barrier, held_sync, queued_sync = Future(), Future(), Future()
+    worker._commands.put(("add", [queued_add]))
+    worker._commands.put(("sync", None, queued_sync, ""))
+    worker._commands.put(("stop",))
+    worker._fail_waiting([("add", [held_add]), ("sync", None, held_sync, "")], [paused], (None, barrier))
+    waiting = [flying.future, paused.future, held_add.future, queued_add.future, barrier, held_sync, queued_sync]
+    assert all(isinstance(f.exception(timeout=0), RuntimeError) for f in waiting)
+    assert done.future.result(timeout=0) == "kept" and worker._in_flight == {} and worker._commands.empty()

@@ -152,8 +152,12 @@ def test_continuous_batching_and_sync_points(rollout_worker, ray_session, hf_mod
     while ray.get(rollout_worker.num_in_flight.remote()) == 0 and time.time() < deadline + 60:
         time.sleep(0.02)
     update = rollout_worker.update_weights.remote(handles, v + 3, mode="finish")
+    while ray.get(rollout_worker.info.remote())["syncs_waiting"] < 1 and time.time() < deadline + 90:
+        time.sleep(0.01)        # the actor runs calls concurrently: the second must come after the first
     second = rollout_worker.update_weights.remote(handles, v + 4, mode="finish")
-    assert not ray.wait([busy], timeout=0)[0]                        # both arrived while it generated
+    while ray.get(rollout_worker.info.remote())["syncs_waiting"] < 2 and time.time() < deadline + 90:
+        time.sleep(0.01)
+    assert not ray.wait([busy], timeout=0)[0]                        # both queued while it generated
     first_out, second_out = ray.get([update, second], timeout=120)
     assert (first_out["version"], second_out["version"]) == (v + 3, v + 4)
     assert all(r.policy_version == v + 2 and len(r.completion_ids) == 900 for r in ray.get(busy))
