@@ -18,6 +18,12 @@ Shared prompts (share_prefix, on by default): the G rows of a GRPO group repeat 
 Micro-batches then hold rows of one prompt, which runs once (its KV cache, with gradients, is
 repeated over the completions): the same logits and gradients for far fewer tokens when
 prompts are long next to completions.
+
+Rows that cannot move the loss (skip_zero_advantage, on by default): with beta 0 every policy
+loss multiplies each token by its row's advantage, so a row whose advantage is exactly 0 (every
+row of a GRPO group whose rewards are all equal) adds exactly 0 to the loss and its gradient.
+Those rows are not run; they still count in the aggregation's denominator, so the update is
+the one the full batch gives.
 """
 from __future__ import annotations
 
@@ -83,6 +89,11 @@ def pack_prompt_groups(input_ids: list[list[int]], prompt_lens: list[int], token
     return batches
 
 
+def subset(batch: dict, rows: list[int]) -> dict:
+    """The batch restricted to `rows` (its per-row lists; other values are dropped)."""
+    return {k: [v[i] for i in rows] for k, v in batch.items() if isinstance(v, list)}
+
+
 def _skip_shm_build() -> None:
     # DeepSpeed JIT-builds a shm comm op (~50 s) on CPU that ZeRO never uses. Note the trap:
     # `import deepspeed.comm.torch as m` gives the *torch* package, hence sys.modules.
@@ -128,6 +139,8 @@ class Learner:
         self.old_logp_source, self.temperature = algo.old_logp, temperature
         self.micro_batch_tokens, self.mini_batches = opt.micro_batch_tokens, algo.mini_batches
         self.share_prefix = opt.share_prefix
+        # a row of advantage 0 moves the loss only through the KL term
+        self.skip_zero_advantage = opt.skip_zero_advantage and algo.beta == 0
         torch.manual_seed(seed)
         # attention_dropout: a training-time regulariser (SFT); save_hf writes the config's own value
         self._saved_attention_dropout = getattr(AutoConfig.from_pretrained(model_path), "attention_dropout", 0.0)
@@ -255,33 +268,45 @@ class Learner:
         return mb, logits
 
     # ------------------------------------------------------------------ GRPO
+    def _rows_to_run(self, batch: dict) -> list[int]:
+        """Indices of the rows the loss depends on: all of them, or (skip_zero_advantage)
+        those whose advantage is not exactly 0."""
+        rows = range(len(batch["input_ids"]))
+        if not self.skip_zero_advantage or "advantages" not in batch:
+            return list(rows)
+        return [i for i in rows if batch["advantages"][i] != 0.0]
+
     @torch.no_grad()
     def _fill_old_and_ref(self, batch: dict) -> dict:
-        """old_logp from the current weights (when configured) and ref_logp (when beta > 0)."""
+        """old_logp from the current weights (when configured) and ref_logp (when beta > 0),
+        for the rows that run (the others get zeros: the loss never reads them)."""
         need_old = self.old_logp_source == "learner" or self.mini_batches > 1
         if not need_old and self.ref is None:
             return batch
         batch = dict(batch)
-        olds, refs = [None] * len(batch["input_ids"]), [None] * len(batch["input_ids"])
-        micro, share = self._plan(batch, share=True)
+        olds = [[0.0] * (len(x) - p) for x, p in zip(batch["input_ids"], batch["prompt_lens"])]
+        refs = [list(o) for o in olds]
+        run = self._rows_to_run(batch)
+        sub = subset(batch, run)
+        micro, share = self._plan(sub, share=True)
         for idx in micro:
             if not idx:     # ZeRO-3 gathers parameters in every forward: all ranks run as many
                 for model in [self.engine] * need_old + [self.ref] * (self.ref is not None):
                     self._forward(model, PAD_ROW, [0], share)
                 continue
             if need_old:
-                mb, logits = self._forward(self.engine, batch, idx, share)
+                mb, logits = self._forward(self.engine, sub, idx, share)
                 old_lp = token_logprobs(logits, mb["targets"], self.temperature)
             if self.ref is not None:
-                mb, logits = self._forward(self.ref, batch, idx, share)
+                mb, logits = self._forward(self.ref, sub, idx, share)
                 ref_lp = token_logprobs(logits, mb["targets"], self.temperature)
             for r, i in enumerate(idx):
                 start = mb["starts"][r]
-                sl = slice(start, start + len(batch["input_ids"][i]) - batch["prompt_lens"][i])
+                sl = slice(start, start + len(sub["input_ids"][i]) - sub["prompt_lens"][i])
                 if need_old:
-                    olds[i] = old_lp[r, sl].tolist()
+                    olds[run[i]] = old_lp[r, sl].tolist()
                 if self.ref is not None:
-                    refs[i] = ref_lp[r, sl].tolist()
+                    refs[run[i]] = ref_lp[r, sl].tolist()
         if need_old:
             batch["old_logp"] = olds
         if self.ref is not None:
@@ -304,8 +329,7 @@ class Learner:
         totals = {"loss": 0.0, "skipped": 0.0}
         sums: dict[str, float] = {}
         for split in splits:
-            sub = {k: [v[i] for i in split] for k, v in batch.items() if isinstance(v, list)}
-            metrics = self._update(sub)
+            metrics = self._update(subset(batch, split))
             totals["loss"] += metrics.pop("loss") / len(splits)
             totals["skipped"] += metrics.pop("skipped")
             for k, v in metrics.items():
@@ -352,7 +376,10 @@ class Learner:
         local_tokens = sum(len(x) - p for x, p in zip(batch["input_ids"], batch["prompt_lens"]))
         g_tokens, g_rows = self._all_reduce([local_tokens, len(batch["input_ids"])])
         denominator = g_tokens if per_token else g_rows
+        run = self._rows_to_run(batch)
+        batch = subset(batch, run)      # the rows left out add exactly 0 (they stay in the denominator)
         micro, share = self._plan(batch, share=True)
+        micro = micro or [[]]           # no row to run on any rank: a zero gradient still steps (Adam's moments)
         # the engine's logprobs are always passed (the mismatch is measured); the correction acts
         # only against the learner's own proximal logprobs (old_logp="rollout": old == behavior)
         loss_kw = self.loss_kw if self.old_logp_source == "learner" else {**self.loss_kw, "rollout_correction": "none"}
@@ -385,12 +412,16 @@ class Learner:
         stepped, grad_norm = self._apply_step(finite)
         if not stepped:
             self.skipped_steps += 1
-        totals = self._all_reduce([sums[k] for k in keys] + [total_loss])
+        run_tokens = sum(len(x) - p for x, p in zip(batch["input_ids"], batch["prompt_lens"]))
+        totals = self._all_reduce([sums[k] for k in keys] + [total_loss, run_tokens, len(run)])
+        g_run_tokens, g_run_rows = totals[-2:]
         maxes = self._all_reduce([ratio_max, mismatch_max], "max")
-        out = {f"train/{k}": v / max(g_tokens, 1) for k, v in zip(keys, totals[:-1])
+        # token means over the rows that ran (the others have no logprobs computed)
+        out = {f"train/{k}": v / max(g_run_tokens, 1) for k, v in zip(keys, totals[:-3])
                if has_behavior or k not in correction_keys}
-        out.update({"loss": totals[-1], "skipped": 0.0 if stepped else 1.0, "train/ratio_max": maxes[0],
-                    "train/tokens": g_tokens, "train/grad_norm": grad_norm})
+        out.update({"loss": totals[-3], "skipped": 0.0 if stepped else 1.0, "train/ratio_max": maxes[0],
+                    "train/tokens": g_tokens, "train/grad_norm": grad_norm,
+                    "train/rows_not_run": g_rows - g_run_rows})
         if has_behavior:
             out["train/mismatch_abs_max"] = maxes[1]
         return out

@@ -5,13 +5,14 @@
         [--set key=value ...]
 
     # the second scale: SmolLM2-135M-Instruct from its base weights (no cold start)
-    .venv/bin/python benchmarks/trl_vs_r1ray.py --config configs/smollm2-zero.yaml --steps 3 --sft-steps 0
+    .venv/bin/python benchmarks/trl_vs_r1ray.py --config configs/smollm2-zero.yaml --steps 3 --sft-steps 0 --modes sync
 
 All three start from the same cold-start checkpoint (one r1ray SFT run) and train `--steps` GRPO
 steps with the same prompts in the same order, G, completion length, temperature, learning rate
 (constant, no warmup), clip range (0.2 / 0.28), beta 0, token-mean loss and the same reward
 function (actors/rewards.py: accuracy + 0.2 format); `--set` overrides apply to both sides.
 TRL generates with transformers (its CPU path; TRL's vLLM modes need CUDA) and gets every core;
+it computes in the config's model.dtype (bf16 mixed precision when bfloat16, as r1ray does);
 r1ray places its threads as it does by default (drivers/placement.py): in sync mode generation
 and learning take turns on every core, in async mode they split the cores. Prints JSON:
 completions/s and seconds per step of each, final reward (mean over the last third of the
@@ -78,7 +79,7 @@ def run_trl(base: dict, overrides: list[str], start: str, out: Path, steps: int,
         max_completion_length=cfg.rollout.max_tokens, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
         beta=0.0, epsilon=cfg.algo.eps_low, epsilon_high=cfg.algo.eps_high, loss_type="dapo",
         shuffle_dataset=False, logging_steps=1, report_to="none", save_strategy="no", use_cpu=True,
-        seed=cfg.seed, bf16=False, max_grad_norm=cfg.learner.grad_clip, adam_epsilon=cfg.learner.adam_eps)
+        seed=cfg.seed, bf16=cfg.model.dtype == "bfloat16", max_grad_norm=cfg.learner.grad_clip, adam_epsilon=cfg.learner.adam_eps)
     timer = StepTimer()
     trainer = GRPOTrainer(model=start, reward_funcs=[reward], args=args, train_dataset=data,
                           processing_class=tokenizer, callbacks=[timer])
@@ -99,6 +100,8 @@ def main():
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--sft-steps", type=int, default=150)
     ap.add_argument("--set", nargs="*", default=[], help="config overrides for both sides (key=value)")
+    ap.add_argument("--modes", nargs="+", default=["sync", "async"], choices=["sync", "async"],
+                    help="r1ray's train.mode(s) to run (async is learner-bound at SmolLM2's scale: --modes sync)")
     a = ap.parse_args()
     try:
         import trl  # noqa: F401
@@ -119,7 +122,7 @@ def main():
     out = Path(tempfile.mkdtemp(prefix="r1ray_trl_"))
     start = cold_start_checkpoint(base, overrides, out, a.sft_steps)
     try:
-        result = {m: run_mode(base, overrides, out, m, start, a.steps) for m in ("sync", "async")}
+        result = {m: run_mode(base, overrides, out, m, start, a.steps) for m in a.modes}
     finally:
         ray.shutdown()
     for mode, m in result.items():
@@ -127,7 +130,7 @@ def main():
         m["threads"] = cpu_threads(build_config(base, overrides + [f"train.mode={mode}"]), os.cpu_count() or 1)
     result["trl"] = run_trl(base, overrides, start, out, a.steps, threads=os.cpu_count() or 1)
     trl_rate = result["trl"]["samples_per_s"]
-    ratios = {f"r1ray_{m}_over_trl": round(result[m]["samples_per_s"] / trl_rate, 2) for m in ("sync", "async")}
+    ratios = {f"r1ray_{m}_over_trl": round(result[m]["samples_per_s"] / trl_rate, 2) for m in a.modes}
     print(json.dumps({"device": "cpu", "config": a.config, "overrides": overrides, "steps": a.steps,
                       "sft_steps": a.sft_steps, **result, **ratios,
                       "goal_min": 3.0, "meets_goal": max(ratios.values()) >= 3.0}, indent=1))

@@ -127,6 +127,46 @@ def test_two_ranks_match_a_plain_pytorch_step(ray_session, tiny_model_path, stag
     assert worst <= 1e-5 and moved > 1e-4
 
 
+@pytest.mark.parametrize("zeros", ["one group", "every row", "one group, learner old_logp"])
+def test_rows_of_zero_advantage_are_not_run_and_the_update_is_the_full_batchs(ray_session, tiny_model_path, zeros):
+    """skip_zero_advantage (the default): with beta 0 a row of advantage exactly 0 adds 0 to the
+    loss and its gradient, so the learner does not run it but keeps its tokens in the token-mean
+    denominator. Checked against the plain step over every row (same loss and weights). "one
+    group": rank 1's whole shard is zeros (it runs only the pad forward that keeps ZeRO's
+    collectives aligned); "every row": a zero gradient, and the optimizer still steps (AdamW's
+    weight decay moves the weights); "learner old_logp": the recompute pass skips them too, and
+    the run equals the same learner with the skip turned off."""
+    batch = make_batch(tiny_model_path, group_size=4)
+    zero = range(8) if zeros == "every row" else range(4, 8)
+    batch["advantages"] = [0.0 if i in zero else a for i, a in enumerate(batch["advantages"])]
+    extra = dict(old_logp="learner", rollout_correction="tis", is_cap=2.0) if "learner" in zeros else {}
+
+    def run(**kw):
+        group = learner_group(tiny_model_path, 2, 2, **extra, **kw)
+        try:
+            metrics = group.get(group.call_each("train_step", shard(batch, 2)))
+            return metrics, group.get(group.call("get_state_dict"))[0]
+        finally:
+            group.kill()
+
+    metrics, weights = run()
+    if extra:
+        ref_metrics, ref_weights = run(skip_zero_advantage=False)
+        ref_loss = ref_metrics[0]["loss"]
+        assert ref_metrics[0]["train/rows_not_run"] == 0
+    else:
+        ref_loss, ref_weights = reference_step(tiny_model_path, batch)
+    assert metrics[0]["train/rows_not_run"] == len(zero) == metrics[1]["train/rows_not_run"]
+    assert metrics[0]["loss"] == pytest.approx(ref_loss, abs=1e-6)
+    worst = max((weights[n] - ref_weights[n]).abs().max().item() for n in ref_weights)
+    moved = max((weights[n] - w0).abs().max().item() for n, w0 in _initial(tiny_model_path).items())
+    print(f"{zeros}: loss {metrics[0]['loss']:.6f} vs ref {ref_loss:.6f}; max |w - w_ref| = {worst:.2e} (moved {moved:.2e})")
+    if zeros == "every row":   # only weight decay: w * (1 - lr * wd), computed alike on both sides
+        assert metrics[0]["loss"] == 0.0 and worst <= 1e-8 and moved >= 5e-6
+    else:
+        assert worst <= 1e-5 and moved > 1e-4
+
+
 def _initial(model_path):
     from transformers import AutoModelForCausalLM
 
