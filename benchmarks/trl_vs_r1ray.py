@@ -10,7 +10,7 @@
 All three start from the same cold-start checkpoint (one r1ray SFT run) and train `--steps` GRPO
 steps with the same prompts in the same order, G, completion length, temperature, learning rate
 (constant, no warmup), clip range (0.2 / 0.28), beta 0, token-mean loss and the same reward
-function (actors/rewards.py: accuracy + 0.2 format); `--set` overrides apply to both sides.
+function with r1ray's reward settings (actors/rewards.py; weights, extraction); `--set` overrides apply to both sides.
 TRL generates with transformers (its CPU path; TRL's vLLM modes need CUDA) and gets every core;
 it computes in the config's model.dtype (bf16 mixed precision when bfloat16, as r1ray does);
 r1ray places its threads as it does by default (drivers/placement.py): in sync mode generation
@@ -41,7 +41,7 @@ def run_trl(base: dict, overrides: list[str], start: str, out: Path, steps: int,
     from actors.rewards import score_one
     from drivers.config import build_config
     from drivers.tasks import step_prompts
-    from drivers.train import load_task
+    from drivers.train import load_task, reward_kwargs
 
     torch.set_num_threads(threads)
     cfg = build_config(base, overrides)
@@ -53,7 +53,8 @@ def run_trl(base: dict, overrides: list[str], start: str, out: Path, steps: int,
     # conversational prompts: TRL renders them with the chat template, turns as r1ray renders them
     data = Dataset.from_list([{"prompt": chat_messages(tokenizer, ex["prompt"]), "answer": ex["answer"]}
                               for ex in rows])
-    weights = dict(cfg.reward.weights)
+    # r1ray's own scoring settings (weights, layout, language, extraction; length shaping)
+    score_kw = {k: v for k, v in reward_kwargs(cfg).items() if k not in ("timeout_s", "num_procs")}
     drop = {tokenizer.eos_token_id, tokenizer.pad_token_id}
 
     def reward(completions, answer, completion_ids, **_):
@@ -61,7 +62,7 @@ def run_trl(base: dict, overrides: list[str], start: str, out: Path, steps: int,
         # score the same text r1ray scores (special tokens kept, the stop token not)
         texts = [tokenizer.decode([t for t in ids if t not in drop], skip_special_tokens=False)
                  for ids in completion_ids]
-        return [score_one(t, a, weights=weights).reward for t, a in zip(texts, answer)]
+        return [score_one(t, a, len(ids), **score_kw).reward for t, a, ids in zip(texts, answer, completion_ids)]
 
     class StepTimer(TrainerCallback):
         def __init__(self):

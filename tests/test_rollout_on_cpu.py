@@ -61,3 +61,26 @@ def test_an_ending_engine_thread_fails_every_waiting_caller():
     waiting = [flying.future, paused.future, held_add.future, queued_add.future, barrier, held_sync, queued_sync]
     assert all(isinstance(f.exception(timeout=0), RuntimeError) for f in waiting)
     assert done.future.result(timeout=0) == "kept" and worker._in_flight == {} and worker._commands.empty()
+
+
+def test_the_text_decoded_once_equals_vllms_own(rollout_worker, ray_session):
+    """Without stop strings the worker turns vLLM's per-token detokenizer off and decodes each
+    sample once at its end. Same seeds, detokenizer on and off: the same ids and texts, also for
+    samples a stop token ended (vLLM leaves the stop token out of the text; so must the worker)."""
+    from collections import Counter
+
+    prompts = ["What is 2 + 3?", "Name a prime number.", "What is 17 + 5?"]
+
+    def sample(**kw):
+        return ray_session.get(rollout_worker.generate.remote(prompts, n=4, temperature=1.0, max_tokens=32,
+                                                              seed=7, **kw))
+
+    first = sample()
+    stop = Counter(t for r in first for t in r.completion_ids[1:]).most_common(1)[0][0]  # ends some samples early
+    for kw in ({}, {"stop_token_ids": [stop]}):
+        fast, slow = sample(**kw), sample(detokenize=True, **kw)
+        assert [r.completion_ids for r in fast] == [r.completion_ids for r in slow]
+        assert [r.text for r in fast] == [r.text for r in slow]
+        assert sum(len(r.text) for r in fast) > 0
+    # some samples ended on the stop token (others on EOS or at max_tokens)
+    assert any(r.finish_reason == "stop" and r.completion_ids[-1] == stop for r in fast)
