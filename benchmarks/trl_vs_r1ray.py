@@ -12,7 +12,8 @@ steps with the same prompts in the same order, G, completion length, temperature
 (constant, no warmup), clip range (0.2 / 0.28), beta 0, token-mean loss and the same reward
 function with r1ray's reward settings (actors/rewards.py; weights, extraction); `--set` overrides apply to both sides.
 TRL generates with transformers (its CPU path; TRL's vLLM modes need CUDA) and gets every core;
-it computes in the config's model.dtype (bf16 mixed precision when bfloat16, as r1ray does);
+it computes in the config's model.dtype (bf16 mixed precision when bfloat16, as r1ray does) and
+without gradient checkpointing (TRL's default turns it on; r1ray does not recompute);
 r1ray places its threads as it does by default (drivers/placement.py): in sync mode generation
 and learning take turns on every core, in async mode they split the cores. Prints JSON:
 completions/s and seconds per step of each, final reward (mean over the last third of the
@@ -80,6 +81,9 @@ def run_trl(base: dict, overrides: list[str], start: str, out: Path, steps: int,
         max_completion_length=cfg.rollout.max_tokens, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
         beta=0.0, epsilon=cfg.algo.eps_low, epsilon_high=cfg.algo.eps_high, loss_type="dapo",
         shuffle_dataset=False, logging_steps=1, report_to="none", save_strategy="no", use_cpu=True,
+        # TRL turns gradient checkpointing on by default (a recompute pass to save memory);
+        # r1ray does not checkpoint, and the memory fits: off is TRL's faster setting here
+        gradient_checkpointing=False,
         seed=cfg.seed, bf16=cfg.model.dtype == "bfloat16", max_grad_norm=cfg.learner.grad_clip, adam_epsilon=cfg.learner.adam_eps)
     timer = StepTimer()
     trainer = GRPOTrainer(model=start, reward_funcs=[reward], args=args, train_dataset=data,
