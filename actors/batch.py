@@ -59,8 +59,10 @@ class Batch:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
     def shard(self, n: int) -> list["Batch"]:
-        """n shards balanced by tokens: rows in order of decreasing length, dealt round-robin."""
-        order = sorted(range(len(self)), key=lambda i: -len(self.input_ids[i]))
+        """n shards balanced by tokens: rows in order of decreasing length, dealt round-robin;
+        rows of advantage 0 last (the learner does not run them when beta is 0)."""
+        order = sorted(range(len(self)), key=lambda i: (bool(self.advantages) and self.advantages[i] == 0,
+                                                       -len(self.input_ids[i])))
         return [self.rows(order[r::n]) for r in range(n)]
 
 

@@ -326,16 +326,19 @@ class Learner:
             batch = {**batch, "old_logp": batch["behavior_logp"]}
         rows = list(range(len(batch["input_ids"])))
         splits = [rows[k::self.mini_batches] for k in range(self.mini_batches)]
-        totals = {"loss": 0.0, "skipped": 0.0}
-        sums: dict[str, float] = {}
+        totals = {"loss": 0.0, "skipped": 0.0, "train/rows_not_run": 0.0}
+        reported: dict[str, list[float]] = {}
         for split in splits:
             metrics = self._update(subset(batch, split))
             totals["loss"] += metrics.pop("loss") / len(splits)
-            totals["skipped"] += metrics.pop("skipped")
+            for key in ("skipped", "train/rows_not_run"):
+                totals[key] += metrics.pop(key)
             for k, v in metrics.items():
-                sums[k] = sums.get(k, 0.0) + v / len(splits)
+                reported.setdefault(k, []).append(v)
+        # the mean over the updates that reported it (one that ran no row has no entropy, ratio, ...)
+        means = {k: sum(v) / len(v) for k, v in reported.items()}
         self.steps += 1
-        return {**sums, **totals, "lr": self.engine.optimizer.param_groups[0]["lr"],
+        return {**means, **totals, "lr": self.engine.optimizer.param_groups[0]["lr"],
                 "step_seconds": time.perf_counter() - t0,
                 "learner_step": float(self.steps)}
 
@@ -416,14 +419,17 @@ class Learner:
         totals = self._all_reduce([sums[k] for k in keys] + [total_loss, run_tokens, len(run)])
         g_run_tokens, g_run_rows = totals[-2:]
         maxes = self._all_reduce([ratio_max, mismatch_max], "max")
-        # token means over the rows that ran (the others have no logprobs computed)
-        out = {f"train/{k}": v / max(g_run_tokens, 1) for k, v in zip(keys, totals[:-3])
-               if has_behavior or k not in correction_keys}
-        out.update({"loss": totals[-3], "skipped": 0.0 if stepped else 1.0, "train/ratio_max": maxes[0],
-                    "train/tokens": g_tokens, "train/grad_norm": grad_norm,
-                    "train/rows_not_run": g_rows - g_run_rows})
-        if has_behavior:
-            out["train/mismatch_abs_max"] = maxes[1]
+        # policy_loss over every token (a row not run adds exactly 0); the rest are means over the
+        # rows run (the others have no logprobs), absent when none ran
+        out = {"loss": totals[-3], "skipped": 0.0 if stepped else 1.0, "train/tokens": g_tokens,
+               "train/grad_norm": grad_norm, "train/rows_not_run": g_rows - g_run_rows,
+               "train/policy_loss": totals[keys.index("policy_loss")] / max(g_tokens, 1)}
+        if g_run_tokens > 0:
+            out.update({f"train/{k}": v / g_run_tokens for k, v in zip(keys, totals[:-3])
+                        if k != "policy_loss" and (has_behavior or k not in correction_keys)})
+            out["train/ratio_max"] = maxes[0]
+            if has_behavior:
+                out["train/mismatch_abs_max"] = maxes[1]
         return out
 
     # ------------------------------------------------------------------ SFT

@@ -58,6 +58,14 @@ def _engine_env(kv_cache_gib: int) -> None:
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
 
 
+def byte_level(tokenizer) -> bool:
+    """Whether the tokenizer decodes byte-level BPE (GPT-2's kind: Qwen2, SmolLM2, Llama 3, the
+    presets). A completion then decodes to the same text alone as after its prompt, so it can be
+    decoded once when it ends; SentencePiece decoders depend on the prompt (a leading space)."""
+    decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
+    return type(decoder).__name__ == "ByteLevel"
+
+
 @dataclass
 class _Request:
     prompt_index: int
@@ -113,6 +121,7 @@ class RolloutWorker:
         self._thread.start()
         started.result()
         self.tokenizer = self.llm.get_tokenizer()
+        self._decode_at_end = byte_level(self.tokenizer)
         self.init_seconds = time.perf_counter() - t0
 
     # ------------------------------------------------------------------ the engine thread
@@ -288,7 +297,8 @@ class RolloutWorker:
             # without the U+FFFD of a cut multi-byte character at the end (it holds those bytes back)
             by_token = comp.finish_reason == "stop" and not isinstance(comp.stop_reason, str)
             text = self.tokenizer.decode(ids[:-1] if by_token and ids else ids,
-                                         skip_special_tokens=req.params.skip_special_tokens).rstrip("\ufffd")
+                                         skip_special_tokens=req.params.skip_special_tokens,
+                                         clean_up_tokenization_spaces=False).rstrip("\ufffd")
         return Rollout(req.prompt_index, seen, ids, lps, text, comp.finish_reason or "length",
                        min(versions, default=req.version), req.prompt, token_versions=versions)
 
@@ -337,11 +347,11 @@ class RolloutWorker:
             seed_i = seeds[i] if seeds is not None else None if seed is None else seed + i
             for j in range(n):      # sample j is its own request, seeded as vLLM seeds its children
                 # keep <think>/<answer> in the text: the verifiers read them. Without stop strings
-                # the text is decoded once when the sample ends (_to_rollout): vLLM's per-token
-                # detokenizing, and its decoding of every logprob's token, cost 5-10% of a small
-                # model's generation on CPU
+                # and with a byte-level tokenizer the text is decoded once when the sample ends
+                # (_to_rollout): vLLM's per-token detokenizing, and its decoding of every logprob's
+                # token, cost 5-10% of a small model's generation on CPU
                 kw = {"skip_special_tokens": False, **self.defaults, **sampling}
-                kw.setdefault("detokenize", bool(kw.get("stop")))
+                kw.setdefault("detokenize", bool(kw.get("stop")) or not self._decode_at_end)
                 p = SamplingParams(n=1, logprobs=0, seed=None if seed_i is None else seed_i + j, **kw)
                 p.output_kind = RequestOutputKind.FINAL_ONLY
                 items.append((i, prompts[i], ids[i], p))

@@ -12,7 +12,8 @@ steps with the same prompts in the same order, G, completion length, temperature
 (constant, no warmup), clip range (0.2 / 0.28), beta 0, token-mean loss and the same reward
 function with r1ray's reward settings (actors/rewards.py; weights, extraction); `--set` overrides apply to both sides.
 TRL generates with transformers (its CPU path; TRL's vLLM modes need CUDA) and gets every core;
-it computes in the config's model.dtype (bf16 mixed precision when bfloat16, as r1ray does) and
+it computes in the config's model.dtype (bfloat16: TRL's bf16 autocast over fp32 weights; r1ray's
+engine and learner hold bf16 weights, the learner's optimizer an fp32 master copy) and
 without gradient checkpointing (TRL's default turns it on; r1ray does not recompute);
 r1ray places its threads as it does by default (drivers/placement.py): in sync mode generation
 and learning take turns on every core, in async mode they split the cores. Prints JSON:

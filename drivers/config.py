@@ -135,8 +135,8 @@ class LearnerConfig(_Section):
     share_prefix: bool = Field(True, description="Run each group's shared prompt once (KV cache repeated over its G rows).")
     skip_zero_advantage: bool = Field(
         True, description="Do not run rows whose advantage is exactly 0 (flat groups): with algo.beta 0 they add exactly 0 "
-        "to the loss and its gradient, and still count in its denominator. train/entropy, clip and ratio metrics are then "
-        "over the rows run.")
+        "to the loss and its gradient, and still count in its denominator. train/entropy, clip, ratio and mismatch "
+        "metrics are then over the rows run.")
 
 
 class AlgoConfig(_Section):

@@ -127,7 +127,8 @@ def test_two_ranks_match_a_plain_pytorch_step(ray_session, tiny_model_path, stag
     assert worst <= 1e-5 and moved > 1e-4
 
 
-@pytest.mark.parametrize("zeros", ["one group", "every row", "one group, learner old_logp"])
+@pytest.mark.parametrize("zeros", ["one group", "every row", "one group, learner old_logp",
+                                   "one group, ZeRO-3, gspo, seq-mean, 2 mini-batches"])
 def test_rows_of_zero_advantage_are_not_run_and_the_update_is_the_full_batchs(ray_session, tiny_model_path, zeros):
     """skip_zero_advantage (the default): with beta 0 a row of advantage exactly 0 adds 0 to the
     loss and its gradient, so the learner does not run it but keeps its tokens in the token-mean
@@ -135,14 +136,18 @@ def test_rows_of_zero_advantage_are_not_run_and_the_update_is_the_full_batchs(ra
     group": rank 1's whole shard is zeros (it runs only the pad forward that keeps ZeRO's
     collectives aligned); "every row": a zero gradient, and the optimizer still steps (AdamW's
     weight decay moves the weights); "learner old_logp": the recompute pass skips them too, and
-    the run equals the same learner with the skip turned off."""
+    the run equals the same learner with the skip turned off; so does the ZeRO-3 case with
+    GSPO's sequence ratio, the per-sequence mean and two updates a step."""
     batch = make_batch(tiny_model_path, group_size=4)
     zero = range(8) if zeros == "every row" else range(4, 8)
     batch["advantages"] = [0.0 if i in zero else a for i, a in enumerate(batch["advantages"])]
     extra = dict(old_logp="learner", rollout_correction="tis", is_cap=2.0) if "learner" in zeros else {}
+    if "ZeRO-3" in zeros:
+        extra = dict(policy_loss="gspo", agg="seq-mean-token-mean", mini_batches=2)
+    stage = 3 if "ZeRO-3" in zeros else 2
 
     def run(**kw):
-        group = learner_group(tiny_model_path, 2, 2, **extra, **kw)
+        group = learner_group(tiny_model_path, 2, stage, **{**extra, **kw})
         try:
             metrics = group.get(group.call_each("train_step", shard(batch, 2)))
             return metrics, group.get(group.call("get_state_dict"))[0]
@@ -163,8 +168,12 @@ def test_rows_of_zero_advantage_are_not_run_and_the_update_is_the_full_batchs(ra
     print(f"{zeros}: loss {metrics[0]['loss']:.6f} vs ref {ref_loss:.6f}; max |w - w_ref| = {worst:.2e} (moved {moved:.2e})")
     if zeros == "every row":   # only weight decay: w * (1 - lr * wd), computed alike on both sides
         assert metrics[0]["loss"] == 0.0 and worst <= 1e-8 and moved >= 5e-6
+        assert "train/entropy" not in metrics[0]       # no row ran: no mean over rows run to report
     else:
         assert worst <= 1e-5 and moved > 1e-4
+        assert metrics[0]["train/entropy"] > 0
+    if not extra:   # token-mean, no KL: the policy loss over every token is the loss
+        assert metrics[0]["train/policy_loss"] == pytest.approx(metrics[0]["loss"], abs=1e-6)
 
 
 def _initial(model_path):

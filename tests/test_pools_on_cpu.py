@@ -66,6 +66,10 @@ def test_batch_shards_balance_tokens_and_keep_every_row_once():
     a, c = b.shard(2)
     assert [len(x) for x in a.input_ids] == [9, 5, 2] and [len(x) for x in c.input_ids] == [7, 3]
     assert sorted(a.group_ids + c.group_ids) == [10, 10, 11, 11, 12]
+    # the rows the learner runs (advantage != 0) are dealt first: each rank gets its share of them
+    b.advantages = [0.0, 0.0, 1.0, -1.0, 0.5]          # lengths 5, 9 flat; 2, 7, 3 not
+    a, c = b.shard(2)
+    assert [len(x) for x in a.input_ids] == [7, 2, 5] and [len(x) for x in c.input_ids] == [3, 9]
     assert RunState.from_dict({**RunState(step=4, tag="step4").to_dict(), "old_key": 1}) == RunState(step=4, tag="step4")
 
 

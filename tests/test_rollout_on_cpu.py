@@ -84,3 +84,18 @@ def test_the_text_decoded_once_equals_vllms_own(rollout_worker, ray_session):
         assert sum(len(r.text) for r in fast) > 0
     # some samples ended on the stop token (others on EOS or at max_tokens)
     assert any(r.finish_reason == "stop" and r.completion_ids[-1] == stop for r in fast)
+
+
+def test_only_byte_level_tokenizers_decode_at_the_end(tiny_model_path):
+    """A SentencePiece decoder's text depends on what came before (a leading space): vLLM's
+    detokenizer, primed with the prompt, stays on for those."""
+    from types import SimpleNamespace
+
+    from tokenizers import decoders
+    from transformers import AutoTokenizer
+
+    from actors.rollout import byte_level
+
+    assert byte_level(AutoTokenizer.from_pretrained(tiny_model_path))
+    assert not byte_level(SimpleNamespace(backend_tokenizer=SimpleNamespace(decoder=decoders.Metaspace())))
+    assert not byte_level(object())        # a slow tokenizer: no backend to tell
