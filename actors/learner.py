@@ -31,6 +31,7 @@ import math
 import os
 import re
 import shutil
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -335,8 +336,9 @@ class Learner:
                 totals[key] += metrics.pop(key)
             for k, v in metrics.items():
                 reported.setdefault(k, []).append(v)
-        # the mean over the updates that reported it (one that ran no row has no entropy, ratio, ...)
-        means = {k: sum(v) / len(v) for k, v in reported.items()}
+        # the mean over the updates that measured it (one that ran no row has no entropy, ratio, ...)
+        means = {k: statistics.fmean(f) if (f := [x for x in v if math.isfinite(x)]) else math.nan
+                 for k, v in reported.items()}
         self.steps += 1
         return {**means, **totals, "lr": self.engine.optimizer.param_groups[0]["lr"],
                 "step_seconds": time.perf_counter() - t0,
@@ -420,16 +422,16 @@ class Learner:
         g_run_tokens, g_run_rows = totals[-2:]
         maxes = self._all_reduce([ratio_max, mismatch_max], "max")
         # policy_loss over every token (a row not run adds exactly 0); the rest are means over the
-        # rows run (the others have no logprobs), absent when none ran
+        # rows run (the others have no logprobs): NaN when none ran (logged as null, not as 0)
+        ran = g_run_tokens > 0
         out = {"loss": totals[-3], "skipped": 0.0 if stepped else 1.0, "train/tokens": g_tokens,
                "train/grad_norm": grad_norm, "train/rows_not_run": g_rows - g_run_rows,
-               "train/policy_loss": totals[keys.index("policy_loss")] / max(g_tokens, 1)}
-        if g_run_tokens > 0:
-            out.update({f"train/{k}": v / g_run_tokens for k, v in zip(keys, totals[:-3])
-                        if k != "policy_loss" and (has_behavior or k not in correction_keys)})
-            out["train/ratio_max"] = maxes[0]
-            if has_behavior:
-                out["train/mismatch_abs_max"] = maxes[1]
+               "train/policy_loss": totals[keys.index("policy_loss")] / max(g_tokens, 1),
+               "train/ratio_max": maxes[0] if ran else math.nan}
+        out.update({f"train/{k}": v / g_run_tokens if ran else math.nan for k, v in zip(keys, totals[:-3])
+                    if k != "policy_loss" and (has_behavior or k not in correction_keys)})
+        if has_behavior:
+            out["train/mismatch_abs_max"] = maxes[1] if ran else math.nan
         return out
 
     # ------------------------------------------------------------------ SFT
