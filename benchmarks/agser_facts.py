@@ -18,8 +18,9 @@ import argparse
 import json
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
+
+from harness import scratch_dir   # benchmarks/ is the script's directory
 
 
 # per world: entities, phrasings per known fact, SFT epochs (both reach train NLL < 0.01)
@@ -48,7 +49,7 @@ def main() -> None:
     for key, value in DEFAULTS[args.world].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    out = Path(args.out or tempfile.mkdtemp(prefix="agser_facts_"))
+    out = Path(args.out or scratch_dir("agser_facts_"))
     r1ray("facts-world", "--world", args.world, "--out", str(out / "data"), "--known", str(args.known),
           "--unknown", str(args.unknown), "--phrasings", str(args.phrasings), "--seed", str(args.seed))
     r1ray("init-model", "--preset", "tiny", "--out", str(out / "base"))

@@ -16,8 +16,9 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import tempfile
 from pathlib import Path
+
+from harness import scratch_dir   # benchmarks/ is the script's directory
 
 ROOT = Path(__file__).resolve().parents[1]
 SETS = ("element_symbol", "country_currency", "country_language")
@@ -42,7 +43,7 @@ def main() -> None:
     from drivers.agser_eval import run_agser_eval
     from drivers.models import init_model
 
-    tmp = Path(tempfile.mkdtemp(prefix="agser_real_"))
+    tmp = scratch_dir("agser_real_")
     model = a.model or str(init_model("smollm2-135m", tmp / "smollm2-135m"))
     result = {"model": model, "n_samples": a.n_samples, "unit": a.unit, "max_tokens": a.max_tokens,
               "limit": a.limit, "sample": a.sample, "sets": {}}

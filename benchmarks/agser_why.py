@@ -19,8 +19,9 @@ import json
 import os
 import random
 import statistics
-import tempfile
 from pathlib import Path
+
+from harness import scratch_dir   # benchmarks/ is the script's directory
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,7 +49,7 @@ def main() -> None:
     from drivers.models import init_model
     from drivers.ray_utils import ActorGroup, init_ray
 
-    model = a.model or str(init_model("smollm2-135m", Path(tempfile.mkdtemp(prefix="agser_why_")) / "smollm2-135m"))
+    model = a.model or str(init_model("smollm2-135m", scratch_dir("agser_why_") / "smollm2-135m"))
     threads = os.cpu_count() or 1
     init_ray()
     judges = ActorGroup(JudgeWorker, 1, name="judge", env={"OMP_NUM_THREADS": str(threads)},

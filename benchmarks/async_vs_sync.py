@@ -13,10 +13,9 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import tempfile
 from pathlib import Path
 
-from harness import train_rows   # benchmarks/ is the script's directory
+from harness import train_rows, scratch_dir   # benchmarks/ is the script's directory
 
 
 def run_mode(base: dict, overrides: list[str], out: Path, mode: str, model_path: str, steps: int) -> dict:
@@ -66,7 +65,7 @@ def main():
 
     base = yaml.safe_load(Path(a.config).read_text())
     threads = [f"rollout.cpu_threads={a.threads}", f"learner.cpu_threads={a.threads}"]
-    out = Path(tempfile.mkdtemp(prefix="r1ray_async_"))
+    out = scratch_dir("r1ray_async_")
     start = cold_start_checkpoint(base, a.overrides + threads, out, a.sft_steps)
     try:
         result = {m: run_mode(base, a.overrides + threads, out, m, start, a.steps) for m in ("sync", "async")}

@@ -20,9 +20,10 @@ import argparse
 import json
 import os
 import statistics
-import tempfile
 import time
 from pathlib import Path
+
+from harness import scratch_dir   # benchmarks/ is the script's directory
 
 VARIANTS = ("sync_separate", "sync_colocated", "sync_colocated_passive", "async")
 
@@ -93,7 +94,7 @@ def main():
     cores = os.cpu_count() or 1
     base = yaml.safe_load(Path(a.config).read_text())
     base.setdefault("learner", {})["warmup_steps"] = 0
-    out = Path(tempfile.mkdtemp(prefix="r1ray_colocate_"))
+    out = scratch_dir("r1ray_colocate_")
     start = cold_start_checkpoint(base, [], out, a.sft_steps)
     try:
         result = {v: run_variant(base, v, out, start, a.steps, cores) for v in a.variants}

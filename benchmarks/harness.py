@@ -1,7 +1,13 @@
 """What the training benchmarks share: run a Config's training and return its step rows."""
 from __future__ import annotations
 
+import atexit
+import os
+import shutil
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 
 def train_rows(cfg, key: str = "reward/mean") -> tuple[list[dict], float]:
@@ -16,3 +22,17 @@ def train_rows(cfg, key: str = "reward/mean") -> tuple[list[dict], float]:
         return [r for r in run.logger.history() if key in r], wall
     finally:
         run.close()
+
+
+def scratch_dir(prefix: str) -> Path:
+    """A fresh temporary folder for a benchmark's runs and checkpoints, removed when the script exits.
+
+    A benchmark at SmolLM2 scale writes gigabytes (checkpoints, optimizer states); left in /tmp they
+    fill a disk within a few runs. Set R1RAY_BENCH_KEEP=1 to keep the folder (its path is printed).
+    """
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    if os.environ.get("R1RAY_BENCH_KEEP") == "1":
+        print(f"scratch folder kept: {path}", file=sys.stderr)
+    else:
+        atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path

@@ -14,8 +14,9 @@ import json
 import os
 import random
 import statistics
-import tempfile
 import time
+
+from harness import scratch_dir   # benchmarks/ is the script's directory
 
 
 class PlainTrainer:
@@ -97,7 +98,7 @@ def main():
     from drivers.models import init_model
     from drivers.ray_utils import ActorGroup, init_ray
 
-    model = str(init_model(a.preset, os.path.join(tempfile.mkdtemp(prefix="r1ray_bench_"), a.preset)))
+    model = str(init_model(a.preset, os.path.join(scratch_dir("r1ray_bench_"), a.preset)))
     batch = make_batch(a.rows, a.prompt, a.completion)
     init_ray()
     try:

@@ -18,10 +18,9 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import tempfile
 from pathlib import Path
 
-from harness import train_rows   # benchmarks/ is the script's directory
+from harness import train_rows, scratch_dir   # benchmarks/ is the script's directory
 
 
 def run_mode(base: dict, overrides: list[str], out: Path, partial: bool, steps: int) -> dict:
@@ -64,7 +63,7 @@ def main():
     base = yaml.safe_load(Path(a.config).read_text())
     over = ["train.mode=async", f"train.max_staleness={a.staleness}", f"rollout.max_tokens={a.max_tokens}",
             "algo.old_logp=learner", "algo.rollout_correction=tis", *a.overrides]
-    out = Path(tempfile.mkdtemp(prefix="r1ray_partial_"))
+    out = scratch_dir("r1ray_partial_")
     try:
         result = {name: run_mode(base, over, out, name == "partial", a.steps) for name in ("drain", "partial")}
     finally:

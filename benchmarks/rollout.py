@@ -12,8 +12,9 @@ import argparse
 import json
 import os
 import statistics
-import tempfile
 import time
+
+from harness import scratch_dir   # benchmarks/ is the script's directory
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -106,7 +107,7 @@ def main():
     from drivers.models import init_model
     from drivers.ray_utils import init_ray
 
-    tmp = tempfile.mkdtemp(prefix="r1ray_bench_")
+    tmp = scratch_dir("r1ray_bench_")
     gen_model = str(init_model(a.preset, os.path.join(tmp, a.preset)))
     init_ray()  # up for both sides, so Ray's own daemons load the machine equally
     try:

@@ -14,11 +14,10 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
-from harness import train_rows   # benchmarks/ is the script's directory
+from harness import train_rows, scratch_dir   # benchmarks/ is the script's directory
 
 CENTRE = {"rollout.group_size": 8, "rollout.max_tokens": 48, "rollout.num_workers": 1}
 AXES = {"rollout.group_size": [4, 8, 16], "rollout.max_tokens": [24, 48, 96], "rollout.num_workers": [1, 2]}
@@ -80,7 +79,7 @@ def main():
 
     base = yaml.safe_load(Path(a.config).read_text())
     overrides = ["train.prompts_per_step=8", "rollout.cpu_threads=1", "learner.cpu_threads=1"] + a.overrides
-    out = Path(tempfile.mkdtemp(prefix="r1ray_scaling_"))
+    out = scratch_dir("r1ray_scaling_")
     model_path = str(ensure_model(build_config(base, overrides).model, out))
     t0 = time.perf_counter()
     results, done = {}, {}

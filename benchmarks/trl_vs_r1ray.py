@@ -26,9 +26,10 @@ import argparse
 import json
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
+
+from harness import scratch_dir   # benchmarks/ is the script's directory
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -125,7 +126,7 @@ def main():
     base = yaml.safe_load(Path(a.config).read_text())
     base.setdefault("learner", {})["warmup_steps"] = 0
     overrides = list(a.set)
-    out = Path(tempfile.mkdtemp(prefix="r1ray_trl_"))
+    out = scratch_dir("r1ray_trl_")
     start = cold_start_checkpoint(base, overrides, out, a.sft_steps)
     try:
         result = {m: run_mode(base, overrides, out, m, start, a.steps) for m in a.modes}
