@@ -279,9 +279,11 @@ class Learner:
 
     @torch.no_grad()
     def _fill_old_and_ref(self, batch: dict) -> dict:
-        """old_logp from the current weights (when configured) and ref_logp (when beta > 0),
+        """old_logp from the current weights (when mini_batches > 1) and ref_logp (when beta > 0),
         for the rows that run (the others get zeros: the loss never reads them)."""
-        need_old = self.old_logp_source == "learner" or self.mini_batches > 1
+        # one optimizer step per batch: the proximal policy is the weights of the update's own
+        # forward, whose logprobs (detached) are the old ones; no pass of their own (_update)
+        need_old = self.mini_batches > 1
         if not need_old and self.ref is None:
             return batch
         batch = dict(batch)
@@ -323,7 +325,7 @@ class Learner:
         t0 = time.perf_counter()
         self.engine.train()
         batch = self._fill_old_and_ref(batch)
-        if "old_logp" not in batch:
+        if "old_logp" not in batch and self.old_logp_source == "rollout":
             batch = {**batch, "old_logp": batch["behavior_logp"]}
         rows = list(range(len(batch["input_ids"])))
         splits = [rows[k::self.mini_batches] for k in range(self.mini_batches)]
@@ -400,7 +402,8 @@ class Learner:
                 continue
             mb, logits = self._forward(self.engine, batch, idx, share)
             logp = token_logprobs(logits, mb["targets"], self.temperature)
-            loss, metrics = grpo_loss(logp, mb["old_logp"], mb["adv"], mb["mask"], mb.get("ref_logp"),
+            old = mb["old_logp"] if "old_logp" in mb else logp.detach()   # see _fill_old_and_ref
+            loss, metrics = grpo_loss(logp, old, mb["adv"], mb["mask"], mb.get("ref_logp"),
                                       behavior_logp=mb.get("behavior_logp"), **loss_kw)
             count = metrics["n_tokens"] if per_token else len(idx)
             loss = loss * (count / denominator) * self.world_size  # DeepSpeed averages over ranks

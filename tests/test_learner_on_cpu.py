@@ -60,8 +60,10 @@ def make_batch(model_path, n_rows=8, seed=0, group_size=1):
     return {"input_ids": rows, "prompt_lens": plens, "advantages": adv, "behavior_logp": behavior}
 
 
-def reference_step(model_path, batch):
-    """Single-process plain PyTorch: full-batch grpo_loss, backward, clip, AdamW."""
+def reference_step(model_path, batch, learner_old=False):
+    """Single-process plain PyTorch: full-batch grpo_loss, backward, clip, AdamW.
+    learner_old: the proximal policy is the model's own logprobs from a separate no-grad forward
+    (the behaviour logprobs then weight tokens by TIS, cap 2); else the behaviour logprobs."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
@@ -78,9 +80,17 @@ def reference_step(model_path, batch):
         attn[i, :len(r)] = 1
         mask[i, p - 1:len(r) - 1] = 1
         old[i, p - 1:len(r) - 1] = torch.tensor(b)
-    logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1]
-    logp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None])[..., 0]
-    loss, _ = grpo_loss(logp, old, torch.tensor(batch["advantages"]), mask, **LOSS)
+    def forward():
+        logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1]
+        return torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None])[..., 0]
+
+    extra = {}
+    if learner_old:
+        behavior = old
+        with torch.no_grad():
+            old = forward()
+        extra = dict(behavior_logp=behavior, rollout_correction="tis", is_cap=2.0)
+    loss, _ = grpo_loss(forward(), old, torch.tensor(batch["advantages"]), mask, **LOSS, **extra)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), OPT["grad_clip"])
     opt.step()
@@ -105,21 +115,45 @@ def shard(batch, world):
     return [({k: v[cut[r]:cut[r + 1]] for k, v in batch.items()},) for r in range(world)]
 
 
-@pytest.mark.parametrize("stage,group_size", [(2, 4), (3, 4), (2, 1)])
-def test_two_ranks_match_a_plain_pytorch_step(ray_session, tiny_model_path, stage, group_size):
+@pytest.mark.parametrize("stage,group_size,old_logp", [(2, 4, "rollout"), (3, 4, "rollout"), (2, 1, "rollout"),
+                                                       (2, 4, "learner")])
+def test_two_ranks_match_a_plain_pytorch_step(ray_session, tiny_model_path, stage, group_size, old_logp):
     """group_size 4: the shared-prompt forward (prompt once, KV cache repeated; groups split
-    across ranks and micro-batches) against the reference's full forward of every row."""
+    across ranks and micro-batches) against the reference's full forward of every row.
+    old_logp "learner" (TIS against the engine's logprobs): the proximal logprobs are those of
+    the update's own forward, detached, so each micro-batch runs the policy once (no pass of
+    their own), and the update equals the reference's with a separate no-grad pass."""
     batch = make_batch(tiny_model_path, group_size=group_size)
-    ref_loss, ref_weights = reference_step(tiny_model_path, batch)
-    group = learner_group(tiny_model_path, 2, stage)
+    learner_old = old_logp == "learner"
+    ref_loss, ref_weights = reference_step(tiny_model_path, batch, learner_old=learner_old)
+    extra = dict(old_logp="learner", rollout_correction="tis", is_cap=2.0) if learner_old else {}
+
+    def count_forwards(learner):     # runs in the actor (__ray_call__); nested: pickled by value
+        learner.forwards = 0
+
+        def count(*_):
+            learner.forwards += 1
+        learner.engine.module.register_forward_pre_hook(count)
+
+    group = learner_group(tiny_model_path, 2, stage, **extra)
     try:
+        group.get([a.__ray_call__.remote(count_forwards) for a in group.actors])
         metrics = group.get(group.call_each("train_step", shard(batch, 2)))
+        forwards = group.get([a.__ray_call__.remote(lambda learner: learner.forwards) for a in group.actors])
+        plans = group.get([a.__ray_call__.remote(lambda learner, b: learner._plan(b, True), b)
+                           for a, (b,) in zip(group.actors, shard(batch, 2))])
         weights = group.get(group.call("get_state_dict"))[0]
     finally:
         group.kill()
+    # one pass per micro-batch, whichever old_logp (a shared-prompt pass calls the model twice: prompt, rows)
+    assert forwards == [len(micro) * (2 if share else 1) for micro, share in plans]
+    if learner_old:
+        assert metrics[0]["train/ratio_max"] == pytest.approx(1.0, abs=1e-6)
+        assert metrics[0]["train/mismatch_abs_mean"] > 0.1    # the batch adds noise of std .3 to the engine logprobs
     assert metrics[0]["loss"] == pytest.approx(metrics[1]["loss"], abs=0)  # identical on all ranks
     assert metrics[0]["loss"] == pytest.approx(ref_loss, abs=1e-6)
-    assert metrics[0]["skipped"] == 0 and metrics[0]["train/clip_frac_high"] > 0
+    assert metrics[0]["skipped"] == 0
+    assert metrics[0]["train/clip_frac_high"] > 0 or learner_old     # learner old: ratio 1, nothing clipped
     worst = max((weights[n] - ref_weights[n]).abs().max().item() for n in ref_weights)
     moved = max((ref_weights[n] - w0).abs().max().item()
                 for n, w0 in _initial(tiny_model_path).items())
