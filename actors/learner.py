@@ -329,12 +329,12 @@ class Learner:
             batch = {**batch, "old_logp": batch["behavior_logp"]}
         rows = list(range(len(batch["input_ids"])))
         splits = [rows[k::self.mini_batches] for k in range(self.mini_batches)]
-        totals = {"loss": 0.0, "skipped": 0.0, "train/rows_not_run": 0.0}
+        totals = {"loss": 0.0, "skipped": 0.0, "train/rows_not_run": 0.0, "train/tokens": 0.0}
         reported: dict[str, list[float]] = {}
         for split in splits:
             metrics = self._update(subset(batch, split))
             totals["loss"] += metrics.pop("loss") / len(splits)
-            for key in ("skipped", "train/rows_not_run"):
+            for key in ("skipped", "train/rows_not_run", "train/tokens"):   # counts: summed over updates
                 totals[key] += metrics.pop(key)
             for k, v in metrics.items():
                 reported.setdefault(k, []).append(v)

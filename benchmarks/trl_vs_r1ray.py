@@ -7,8 +7,9 @@
     # the second scale: SmolLM2-135M-Instruct from its base weights (no cold start)
     .venv/bin/python benchmarks/trl_vs_r1ray.py --config configs/smollm2-zero.yaml --steps 3 --sft-steps 0 --modes sync
 
-All three start from the same cold-start checkpoint (one r1ray SFT run) and train `--steps` GRPO
-steps with the same prompts in the same order, G, completion length, temperature, learning rate
+Every side (r1ray in each `--modes` mode, and TRL) starts from the same cold-start checkpoint
+(one r1ray SFT run; `--sft-steps 0`: the base weights) and trains `--steps` GRPO steps with the
+same prompts in the same order, G, completion length, temperature, learning rate
 (constant, no warmup), clip range (0.2 / 0.28), beta 0, token-mean loss and the same reward
 function with r1ray's reward settings (actors/rewards.py; weights, extraction); `--set` overrides apply to both sides.
 TRL generates with transformers (its CPU path; TRL's vLLM modes need CUDA) and gets every core;

@@ -197,6 +197,8 @@ def test_rows_of_zero_advantage_are_not_run_and_the_update_is_the_full_batchs(ra
     else:
         ref_loss, ref_weights = reference_step(tiny_model_path, batch)
     assert metrics[0]["train/rows_not_run"] == len(zero) == metrics[1]["train/rows_not_run"]
+    # every completion token of the batch, also over two updates (a count: summed, not averaged)
+    assert metrics[0]["train/tokens"] == sum(len(x) - p for x, p in zip(batch["input_ids"], batch["prompt_lens"]))
     assert metrics[0]["loss"] == pytest.approx(ref_loss, abs=1e-6)
     worst = max((weights[n] - ref_weights[n]).abs().max().item() for n in ref_weights)
     moved = max((weights[n] - w0).abs().max().item() for n, w0 in _initial(tiny_model_path).items())

@@ -75,13 +75,33 @@ def test_the_text_decoded_once_equals_vllms_own(rollout_worker, ray_session):
         return ray_session.get(rollout_worker.generate.remote(prompts, n=4, temperature=1.0, max_tokens=32,
                                                               seed=7, **kw))
 
+    def record_requests(worker):     # runs in the actor (__ray_call__): note each request's detokenize flag
+        submit, worker.detokenize_flags = worker._submit, []
+
+        def recording(items):
+            worker.detokenize_flags += [params.detokenize for *_, params in items]
+            return submit(items)
+        worker._submit = recording
+
+    def stop_recording(worker):      # the class's own _submit again; the flags seen
+        del worker._submit
+        return worker.detokenize_flags
+
     first = sample()
     stop = Counter(t for r in first for t in r.completion_ids[1:]).most_common(1)[0][0]  # ends some samples early
-    for kw in ({}, {"stop_token_ids": [stop]}):
-        fast, slow = sample(**kw), sample(detokenize=True, **kw)
-        assert [r.completion_ids for r in fast] == [r.completion_ids for r in slow]
-        assert [r.text for r in fast] == [r.text for r in slow]
-        assert sum(len(r.text) for r in fast) > 0
+    ray_session.get(rollout_worker.__ray_call__.remote(record_requests))
+    try:
+        for kw in ({}, {"stop_token_ids": [stop]}):
+            fast, slow = sample(**kw), sample(detokenize=True, **kw)
+            assert [r.completion_ids for r in fast] == [r.completion_ids for r in slow]
+            assert [r.text for r in fast] == [r.text for r in slow]
+            assert sum(len(r.text) for r in fast) > 0
+        with_stop_string = sample(stop=["</answer>"])
+    finally:
+        flags = ray_session.get(rollout_worker.__ray_call__.remote(stop_recording))
+    # by default vLLM's detokenizer is off; a stop string needs it (it matches text)
+    n = len(prompts) * 4
+    assert flags == ([False] * n + [True] * n) * 2 + [True] * n and len(with_stop_string) == n
     # some samples ended on the stop token (others on EOS or at max_tokens)
     assert any(r.finish_reason == "stop" and r.completion_ids[-1] == stop for r in fast)
 
