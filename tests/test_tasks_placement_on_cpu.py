@@ -162,3 +162,24 @@ def test_cpu_threads_from_a_config_and_by_hand():
     assert threads("train.mode=async", "rollout.cpu_threads=6") == {"rollout": 6, "learner": 2}  # what is left
     assert threads("train.mode=async", "rollout.cpu_threads=6", "learner.cpu_threads=5") == {"rollout": 6, "learner": 5}
     assert threads("rollout.num_workers=2", "learner.num_ranks=4") == {"rollout": 4, "learner": 2}
+
+
+def test_auto_precision_is_bf16_only_where_the_cpu_computes_it(tmp_path, monkeypatch):
+    """model.dtype auto: bf16 on a CPU that lists avx512_bf16 or amx_bf16, fp32 on one that does
+    not (oneDNN would emulate bf16, slower than fp32) or whose flags cannot be read."""
+    import torch
+
+    from drivers.config import build_config
+    from drivers.placement import native_dtype
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cpuinfo = tmp_path / "cpuinfo"
+    for flags, want in [("fpu sse2 avx2 avx512f avx512_bf16 avx512_vnni", "bfloat16"),
+                        ("fpu sse2 avx2 amx_tile amx_bf16", "bfloat16"),
+                        ("fpu sse2 avx2 avx512f avx512_vnni", "float32")]:
+        cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: {flags}\n")
+        assert native_dtype(str(cpuinfo)) == want
+    assert native_dtype(str(tmp_path / "absent")) == "float32"
+    # the config resolves auto once, to this machine's answer; explicit values stay as written
+    assert build_config({"model": {"dtype": "auto"}}).model.dtype == native_dtype()
+    assert build_config({"model": {"dtype": "float32"}}).model.dtype == "float32"
