@@ -34,7 +34,7 @@ class ModelConfig(_Section):
     dtype: Literal["float32", "bfloat16", "auto"] = Field(
         "float32", description="float32 keeps engine/learner logprobs within 1e-3 on CPU. auto: bfloat16 "
         "where the hardware computes it natively (a CUDA GPU; a CPU with AVX512-BF16 or AMX), else float32, "
-        "decided when the config is built.")
+        "decided on the machine that builds the config (the driver's).")
     seed: int = Field(0, ge=0, description="Seed of the random init of a preset.")
 
     @field_validator("dtype")
@@ -163,8 +163,9 @@ class AlgoConfig(_Section):
     agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = Field(
         "token-mean", description="Loss aggregation (token-mean: DAPO; seq-mean-token-mean: GRPO).")
     old_logp: Literal["rollout", "learner"] = Field(
-        "learner", description="Proximal policy for the ratio: recomputed by the learner (the "
-        "rollout engine's logprobs then weight tokens by rollout_correction), or the engine's own "
+        "learner", description="Proximal policy for the ratio: the learner's own before the update "
+        "(its update's forward, detached; a pass of their own when mini_batches > 1; the rollout "
+        "engine's logprobs then weight tokens by rollout_correction), or the engine's own "
         "(then rollout_correction must be 'none': there is nothing to correct).")
     rollout_correction: Literal["none", "tis", "mis_token", "mis_sequence"] = Field(
         "tis", description="Weights for the engine/learner mismatch (old_logp=learner): tis truncates "

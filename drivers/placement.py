@@ -84,13 +84,14 @@ def cpu_threads(cfg, cores: int) -> dict[str, int]:
 def native_dtype(cpuinfo: str = "/proc/cpuinfo") -> str:
     """'bfloat16' where the hardware computes it natively, else 'float32' (`model.dtype: auto`).
 
-    Native: a CUDA GPU that supports bf16, or a CPU whose flags list avx512_bf16 or amx_bf16 (there
-    oneDNN runs bf16 matrix multiplies in hardware; elsewhere it emulates them, slower than fp32).
+    Native: a CUDA GPU of compute capability 8 or more, or a CPU whose flags list avx512_bf16 or
+    amx_bf16 (there oneDNN runs bf16 matrix multiplies in hardware; elsewhere it emulates them,
+    slower than fp32). Decided on the machine that calls it: the driver's, when a config is built.
     """
     import torch
 
-    if torch.cuda.is_available():
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
+    if torch.cuda.is_available():   # compute capability 8 (Ampere) on; older GPUs emulate bf16 and vLLM refuses it
+        return "bfloat16" if torch.cuda.get_device_capability()[0] >= 8 else "float32"
     try:
         text = Path(cpuinfo).read_text()
     except OSError:

@@ -38,6 +38,7 @@ class RunState:
     restarts: int = 0             # actors replaced after a death
     requeued_prompts: int = 0     # prompts generated or judged again after a death
     tag: str = ""                 # the checkpoint tag this state belongs to
+    dtype: str = ""               # model.dtype as resolved when the run started (auto: by its machine)
 
     def to_dict(self) -> dict:
         return asdict(self)

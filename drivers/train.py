@@ -97,8 +97,13 @@ class Run:
         self.state = RunState()
         if resume:
             self.state = self._read_state()
+            if self.state.dtype and self.state.dtype != cfg.model.dtype:
+                raise ValueError(f"--resume: the run trained in {self.state.dtype}, but this config's model.dtype "
+                                 f"is {cfg.model.dtype} here (auto decides by the machine): pass "
+                                 f"model.dtype={self.state.dtype}")
         elif (self.ckpt_dir / "state.json").exists():
             raise FileExistsError(f"{self.run_dir} holds a run already: pass --resume, or set run.output_dir")
+        self.state.dtype = cfg.model.dtype
         random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
         self.train_set, self.heldout, skipped = load_task(cfg)

@@ -29,7 +29,8 @@ fi
 t0=$(date +%s)
 # The CPU stack takes ~3.5 GB in the venv, and pip needs room to unpack wheels: say so before pip fails midway.
 need_gb=6
-free_gb=$(df -Pk "$(dirname "$(realpath -m "$VENV")")" | awk 'NR==2 {print int($4 / 1048576)}')
+where=$(realpath -m "$VENV"); while [ ! -d "$where" ]; do where=$(dirname "$where"); done
+free_gb=$(df -Pk "$where" | awk 'NR==2 {print int($4 / 1048576)}')
 if [ ! -f "$VENV/bin/python" ] && [ "$free_gb" -lt "$need_gb" ]; then
   echo "setup: only ${free_gb} GB free where $VENV goes; installing needs about ${need_gb} GB" >&2
   exit 28

@@ -116,7 +116,7 @@ def shard(batch, world):
 
 
 @pytest.mark.parametrize("stage,group_size,old_logp", [(2, 4, "rollout"), (3, 4, "rollout"), (2, 1, "rollout"),
-                                                       (2, 4, "learner")])
+                                                       (2, 4, "learner"), (3, 4, "learner")])
 def test_two_ranks_match_a_plain_pytorch_step(ray_session, tiny_model_path, stage, group_size, old_logp):
     """group_size 4: the shared-prompt forward (prompt once, KV cache repeated; groups split
     across ranks and micro-batches) against the reference's full forward of every row.
@@ -170,7 +170,7 @@ def test_rows_of_zero_advantage_are_not_run_and_the_update_is_the_full_batchs(ra
     denominator. Checked against the plain step over every row (same loss and weights). "one
     group": rank 1's whole shard is zeros (it runs only the pad forward that keeps ZeRO's
     collectives aligned); "every row": a zero gradient, and the optimizer still steps (AdamW's
-    weight decay moves the weights); "learner old_logp": the recompute pass skips them too, and
+    weight decay moves the weights); "learner old_logp" (TIS against the engine's logprobs):
     the run equals the same learner with the skip turned off; so does the ZeRO-3 case with
     GSPO's sequence ratio, the per-sequence mean and two updates a step."""
     batch = make_batch(tiny_model_path, group_size=4)
@@ -289,7 +289,7 @@ def test_resume_nan_guard_sft_and_export(ray_session, tiny_model_path, tmp_path,
 
 @pytest.mark.parametrize("world,stage", [(1, 2), (2, 3)])
 def test_reference_model_and_learner_side_old_logp(ray_session, tiny_model_path, world, stage):
-    """beta > 0 loads a reference; old_logp="learner" recomputes the proximal policy and weights
+    """beta > 0 loads a reference; old_logp="learner" takes the proximal policy from the update's own forward and weights
     tokens by min(exp(old - behavior), cap). First step: ref == old == current, so ratio 1, KL 0,
     and the loss is the token mean of -A * w, computed here from the HF model. 2 ranks, ZeRO-3,
     uneven shards: the rank with fewer micro-batches still runs every parameter gather."""

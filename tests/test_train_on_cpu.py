@@ -76,6 +76,7 @@ def test_run_logs_every_metric_on_one_step_counter(uninterrupted):
         ("rollout", "generate"), ("reward", "score"), ("learner", "learn"), ("learner", "export"), ("rollout", "update")}
     assert (run_dir / "checkpoints" / "state.json").exists()
     assert json.loads((run_dir / "checkpoints" / "state.json").read_text())["step"] == 4
+    assert json.loads((run_dir / "checkpoints" / "state.json").read_text())["dtype"] == "float32"
     # checkpoints at steps 2 and 4, keep_checkpoints=1: step 2 is gone, hf is step 4's export
     ckpt = run_dir / "checkpoints"
     assert sorted(p.name for p in ckpt.iterdir() if p.name.startswith("step")) == ["step4"]
@@ -111,6 +112,12 @@ def test_resume_without_a_checkpoint_is_a_clear_error(ray_session, tiny_model_pa
     (broken / "state.json").write_text("{not json")
     with pytest.raises(ValueError, match="corrupt"):
         Run(_cfg(tmp_path, "broken", tiny_model_path, steps=2), resume=True)
+    # a run that trained in bf16 (model.dtype auto on a bf16 machine) resumed where auto says fp32
+    other = tmp_path / "bf16" / "checkpoints"
+    other.mkdir(parents=True)
+    (other / "state.json").write_text(json.dumps({"step": 2, "version": 2, "tag": "step2", "dtype": "bfloat16"}))
+    with pytest.raises(ValueError, match="trained in bfloat16, but this config's model.dtype is float32"):
+        Run(_cfg(tmp_path, "bf16", tiny_model_path, steps=2), resume=True)
 
 
 def test_async_mode_bounds_staleness(ray_session, tiny_model_path, tmp_path):
