@@ -30,9 +30,8 @@ import sys
 import time
 from pathlib import Path
 
-from harness import scratch_dir   # benchmarks/ is the script's directory
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import scratch_dir  # noqa: E402  (benchmarks/, on the path from here on)
 
 
 def run_trl(base: dict, overrides: list[str], start: str, out: Path, steps: int, threads: int) -> dict:

@@ -1,4 +1,5 @@
-"""Placement arithmetic: how many CPUs/GPUs each actor group asks Ray for (pure, tested)."""
+"""Placement arithmetic: how many CPUs/GPUs each actor group asks Ray for (pure, tested); and the
+machine's native precision (`native_dtype`, for `model.dtype: auto`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
