@@ -71,23 +71,37 @@ PAD_ROW = {"input_ids": [[0, 0, 0]], "prompt_lens": [2]}
 
 def pack_prompt_groups(input_ids: list[list[int]], prompt_lens: list[int], token_budget: int,
                        group_ids: list[int] | None = None) -> list[list[int]]:
-    """Micro-batches of rows that share one prompt, for the shared-prefix forward.
+    """Micro-batches for the shared-prefix forward: runs of whole prompt groups.
 
-    Rows are grouped by group id (GRPO rows of one group share their prompt; without ids, by
-    the prompt's tokens), in first appearance order; a group costs its prompt once plus
-    rows * (longest completion + 1) padded tokens and is split when that exceeds the budget.
+    Rows are grouped by group id (GRPO rows of one group share their prompt; without ids, by the
+    prompt's tokens), in first appearance order. A micro-batch runs its prompts once, as one
+    padded batch, then all its rows as another, so it costs prompts * (longest prompt - 1) +
+    rows * (longest completion + 1) padded tokens. Groups join the current micro-batch in order
+    while that stays within the budget; a group over the budget alone is split into parts that fit.
     """
     keys = group_ids if group_ids is not None else [tuple(ids[:p]) for ids, p in zip(input_ids, prompt_lens)]
     groups: dict = {}
     for i, key in enumerate(keys):
         groups.setdefault(key, []).append(i)
-    batches = []
+    parts = []
     for rows in groups.values():
         plen = prompt_lens[rows[0]]
         budget = max(token_budget - (plen - 1), 1)
         lengths = [len(input_ids[i]) - plen + 1 for i in rows]
-        batches += [[rows[j] for j in part] for part in pack_micro_batches(lengths, budget)]
-    return batches
+        parts += [[rows[j] for j in part] for part in pack_micro_batches(lengths, budget)]
+
+    def cost(batch_parts: list[list[int]]) -> int:
+        rows = [i for part in batch_parts for i in part]
+        prefix = max(prompt_lens[part[0]] - 1 for part in batch_parts)
+        return len(batch_parts) * prefix + len(rows) * max(len(input_ids[i]) - prompt_lens[i] + 1 for i in rows)
+
+    batches: list[list[list[int]]] = []
+    for part in parts:
+        if batches and cost(batches[-1] + [part]) <= token_budget:
+            batches[-1].append(part)
+        else:
+            batches.append([part])
+    return [[i for part in b for i in part] for b in batches]
 
 
 def subset(batch: dict, rows: list[int]) -> dict:
@@ -101,6 +115,18 @@ def _skip_shm_build() -> None:
     import deepspeed.comm  # noqa: F401
 
     sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+
+
+def attention_backend(requested: str, dtype: torch.dtype, cuda: bool) -> str:
+    """transformers' attn_implementation for the learner's models (`learner.attn_implementation`).
+
+    auto: on a CPU in bf16, eager (matmul + softmax, whose backward is two matmuls); PyTorch's CPU
+    flash-attention backward in bf16 took 38% of a tiny-model train step on its own. sdpa elsewhere
+    (fp32 on CPU: the two are equal; GPUs: fused kernels).
+    """
+    if requested != "auto":
+        return requested
+    return "eager" if not cuda and dtype == torch.bfloat16 else "sdpa"
 
 
 class Learner:
@@ -146,7 +172,9 @@ class Learner:
         # attention_dropout: a training-time regulariser (SFT); save_hf writes the config's own value
         self._saved_attention_dropout = getattr(AutoConfig.from_pretrained(model_path), "attention_dropout", 0.0)
         overrides = {} if attention_dropout is None else {"attention_dropout": attention_dropout}
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=self.dtype, **overrides)
+        self.attn_implementation = attention_backend(opt.attn_implementation, self.dtype, self.cuda)
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=self.dtype,
+                                                     attn_implementation=self.attn_implementation, **overrides)
         model.config.use_cache = False
         optimizer = torch.optim.AdamW(model.parameters(), lr=opt.lr, betas=tuple(opt.adam_betas), eps=opt.adam_eps,
                                       weight_decay=opt.weight_decay)
@@ -164,7 +192,8 @@ class Learner:
         self.device = self.engine.device
         self.ref = None
         if algo.beta > 0:  # a frozen reference, sharded like the policy under ZeRO-3
-            ref = AutoModelForCausalLM.from_pretrained(model_path, dtype=self.dtype).eval()
+            ref = AutoModelForCausalLM.from_pretrained(model_path, dtype=self.dtype,
+                                                       attn_implementation=self.attn_implementation).eval()
             ref.requires_grad_(False)
             if opt.zero_stage == 3:
                 ref = deepspeed.initialize(model=ref, config={**self.ds_config, "gradient_clipping": 0.0})[0]
@@ -218,12 +247,6 @@ class Learner:
         # (without it, each backward overwrites the previous micro-batch's gradients)
         return model(input_ids=mb["ids"], attention_mask=mb["attn"]).logits[:, :-1]
 
-    @staticmethod
-    def _one_prompt(batch: dict, idx: list[int]) -> bool:
-        p = batch["prompt_lens"][idx[0]]
-        prompt = batch["input_ids"][idx[0]][:p]
-        return p >= 2 and all(batch["prompt_lens"][i] == p and batch["input_ids"][i][:p] == prompt for i in idx)
-
     def _plan(self, batch: dict, share: bool) -> tuple[list[list[int]], bool]:
         """Micro-batches (the same count on every rank; [] pads) and whether they all run the
         shared-prompt forward: only when prompts repeat (>= 2 rows per prompt on average over
@@ -234,7 +257,7 @@ class Learner:
         if want:     # the ranks agree on sharing first
             ids = batch.get("group_ids")
             groups = pack_prompt_groups(batch["input_ids"], batch["prompt_lens"], self.micro_batch_tokens, ids)
-            ok = all(self._one_prompt(batch, idx) for idx in groups)   # a group id names one prompt
+            ok = all(p >= 2 for p in batch["prompt_lens"])     # a prompt of one token has no prefix to share
             prompts = len(set(ids) if ids is not None else
                           {tuple(x[:p]) for x, p in zip(batch["input_ids"], batch["prompt_lens"])})
             not_ok, rows, prompts = self._all_reduce([0.0 if ok else 1.0, len(batch["input_ids"]), prompts])
@@ -244,27 +267,38 @@ class Learner:
         return local + [[] for _ in range(n_micro - len(local))], want
 
     def _forward(self, model, batch: dict, idx: list[int], share: bool) -> tuple[dict, torch.Tensor]:
-        """(tensors, next-token logits) of rows idx. share: the rows have one prompt (see _plan),
-        which runs once: the prompt minus its last token fills a KV cache (with gradients) that is
-        repeated over the rows, and the rows continue from the prompt's last token. Tensors are
-        then laid out as if each row's prompt were that one token (the same logits, fewer positions)."""
+        """(tensors, next-token logits) of rows idx. share: each prompt runs once (see _plan). The
+        micro-batch's distinct prompts (consecutive rows with the same prompt) minus their last
+        token run as one right-padded batch that fills a KV cache (with gradients); each row takes
+        its prompt's cache entry and continues from the prompt's last token, the prompt's padding
+        masked. Tensors are then laid out as if each row's prompt were that one token (the same
+        logits, fewer positions)."""
         if not share:
             mb = self._shifted(batch, idx)
             return mb, self._logits(model, mb)
-        p = batch["prompt_lens"][idx[0]]
-        prompt = batch["input_ids"][idx[0]][:p]
+        prompts: list[list[int]] = []
+        row_prompt = []         # index into prompts of each row
+        for i in idx:
+            prompt = batch["input_ids"][i][:batch["prompt_lens"][i]]
+            if not prompts or prompts[-1] != prompt:
+                prompts.append(prompt)
+            row_prompt.append(len(prompts) - 1)
         rows = {k: [v[i] for i in idx] for k, v in batch.items() if isinstance(v, list)}
-        rows["input_ids"] = [x[p - 1:] for x in rows["input_ids"]]
+        rows["input_ids"] = [x[p - 1:] for x, p in zip(rows["input_ids"], rows["prompt_lens"])]
         rows["prompt_lens"] = [1] * len(idx)
         mb = self._shifted(rows, list(range(len(idx))))
+        prefix_ids = self._pad([p[:-1] for p in prompts], 0, torch.long)
+        prefix_lens = torch.tensor([len(p) - 1 for p in prompts], device=self.device)
+        prefix_mask = (torch.arange(prefix_ids.shape[1], device=self.device)[None] < prefix_lens[:, None]).long()
         # the prefix runs through the module, not the engine: one engine forward per micro-batch
-        prefix = getattr(model, "module", model)(input_ids=torch.tensor([prompt[:-1]], device=self.device),
-                                                 use_cache=True).past_key_values
-        prefix.batch_repeat_interleave(len(idx))
+        cache = getattr(model, "module", model)(input_ids=prefix_ids, attention_mask=prefix_mask,
+                                                use_cache=True).past_key_values
+        which = torch.tensor(row_prompt, device=self.device)
+        cache.batch_select_indices(which)
         g, width = mb["ids"].shape
-        attn = torch.cat([torch.ones(g, p - 1, dtype=mb["attn"].dtype, device=self.device), mb["attn"]], 1)
-        pos = torch.arange(p - 1, p - 1 + width, device=self.device)[None].expand(g, -1)
-        logits = model(input_ids=mb["ids"], attention_mask=attn, position_ids=pos, past_key_values=prefix,
+        attn = torch.cat([prefix_mask[which], mb["attn"]], 1)
+        pos = prefix_lens[which][:, None] + torch.arange(width, device=self.device)[None]
+        logits = model(input_ids=mb["ids"], attention_mask=attn, position_ids=pos, past_key_values=cache,
                        use_cache=True).logits[:, :-1]
         return mb, logits
 

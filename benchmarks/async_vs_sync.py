@@ -32,7 +32,8 @@ def run_mode(base: dict, overrides: list[str], out: Path, mode: str, model_path:
             "wall_seconds_incl_evals": round(wall, 1),
             "final_reward": round(statistics.mean(r["reward/mean"] for r in tail), 4),
             "final_accuracy": round(statistics.mean(r["reward/accuracy"] for r in tail), 4),
-            "staleness_max": max(r["async/staleness_max"] for r in rows)}
+            "staleness_max": max(r["async/staleness_max"] for r in rows),
+            "step_seconds": [round(r["perf/step_seconds"], 2) for r in rows]}
 
 
 def cold_start_checkpoint(base: dict, overrides: list[str], out: Path, sft_steps: int | None) -> str:

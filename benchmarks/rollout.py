@@ -28,8 +28,10 @@ def bench_direct(model_path: str, n: int, max_tokens: int, repeats: int) -> floa
     from vllm import LLM, SamplingParams
 
     from actors.prompts import prompt_ids
+    from actors.rollout import CPU_BLOCK_SIZE
 
-    llm = LLM(model=model_path, dtype="float32", seed=0, enforce_eager=True, max_model_len=1024)
+    llm = LLM(model=model_path, dtype="float32", seed=0, enforce_eager=True, max_model_len=1024,
+              block_size=CPU_BLOCK_SIZE)   # the worker's CPU block size
     tok = llm.get_tokenizer()
     ids = [prompt_ids(tok, p) for p in PROMPTS]   # the rollout worker's rendering
     params = SamplingParams(n=n, max_tokens=max_tokens, ignore_eos=True, logprobs=0, temperature=1.0)

@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import scratch_dir  # noqa: E402  (benchmarks/, on the path from here on)
 
 
-def run_trl(base: dict, overrides: list[str], start: str, out: Path, steps: int, threads: int) -> dict:
+def run_trl(base: dict, overrides: list[str], start: str, out: Path, steps: int, threads: int, attn: str) -> dict:
     import torch
     from datasets import Dataset
     from transformers import AutoTokenizer, TrainerCallback
@@ -86,7 +86,8 @@ def run_trl(base: dict, overrides: list[str], start: str, out: Path, steps: int,
         # TRL turns gradient checkpointing on by default (a recompute pass to save memory);
         # r1ray does not checkpoint, and the memory fits: off is TRL's faster setting here
         gradient_checkpointing=False,
-        seed=cfg.seed, bf16=cfg.model.dtype == "bfloat16", max_grad_norm=cfg.learner.grad_clip, adam_epsilon=cfg.learner.adam_eps)
+        seed=cfg.seed, bf16=cfg.model.dtype == "bfloat16", max_grad_norm=cfg.learner.grad_clip, adam_epsilon=cfg.learner.adam_eps,
+        model_init_kwargs={"attn_implementation": attn})
     timer = StepTimer()
     trainer = GRPOTrainer(model=start, reward_funcs=[reward], args=args, train_dataset=data,
                           processing_class=tokenizer, callbacks=[timer])
@@ -98,7 +99,8 @@ def run_trl(base: dict, overrides: list[str], start: str, out: Path, steps: int,
     rl_time = sum(timer.seconds)
     return {"samples_per_s": round(steps * P * G / rl_time, 2), "rl_seconds": round(rl_time, 1),
             "seconds_per_step": round(rl_time / steps, 2), "wall_seconds": round(wall, 1),
-            "final_reward": round(statistics.mean(h["reward"] for h in tail), 4), "threads": threads}
+            "final_reward": round(statistics.mean(h["reward"] for h in tail), 4), "threads": threads,
+            "attn_implementation": attn, "step_seconds": [round(x, 2) for x in timer.seconds]}
 
 
 def main():
@@ -109,6 +111,9 @@ def main():
     ap.add_argument("--set", nargs="*", default=[], help="config overrides for both sides (key=value)")
     ap.add_argument("--modes", nargs="+", default=["sync", "async"], choices=["sync", "async"],
                     help="r1ray's train.mode(s) to run (async is learner-bound at SmolLM2's scale: --modes sync)")
+    ap.add_argument("--trl-attn", default="learner", choices=["learner", "eager", "sdpa"],
+                    help="TRL's attn_implementation (learner: the one r1ray's learner resolves to, "
+                         "the faster here; sdpa: transformers' default)")
     a = ap.parse_args()
     try:
         import trl  # noqa: F401
@@ -117,8 +122,10 @@ def main():
     import os
 
     import ray
+    import torch
     import yaml
 
+    from actors.learner import attention_backend
     from async_vs_sync import cold_start_checkpoint, run_mode
     from drivers.config import build_config
     from drivers.placement import cpu_threads
@@ -135,7 +142,10 @@ def main():
     for mode, m in result.items():
         m["seconds_per_step"] = round(m["rl_seconds"] / a.steps, 2)
         m["threads"] = cpu_threads(build_config(base, overrides + [f"train.mode={mode}"]), os.cpu_count() or 1)
-    result["trl"] = run_trl(base, overrides, start, out, a.steps, threads=os.cpu_count() or 1)
+    cfg = build_config(base, overrides)
+    attn = (attention_backend(cfg.learner.attn_implementation, getattr(torch, cfg.model.dtype), torch.cuda.is_available())
+            if a.trl_attn == "learner" else a.trl_attn)
+    result["trl"] = run_trl(base, overrides, start, out, a.steps, threads=os.cpu_count() or 1, attn=attn)
     trl_rate = result["trl"]["samples_per_s"]
     ratios = {f"r1ray_{m}_over_trl": round(result[m]["samples_per_s"] / trl_rate, 2) for m in a.modes}
     print(json.dumps({"device": "cpu", "config": a.config, "overrides": overrides, "steps": a.steps,

@@ -24,14 +24,20 @@ def test_pack_micro_batches_by_hand():
 
 
 def test_pack_prompt_groups_by_hand():
-    # prompts A (3 tokens), B (2 tokens); a group costs (prompt - 1) + rows * (longest completion + 1)
+    # prompts A (3 tokens), B (2 tokens); a micro-batch costs prompts * (longest prompt - 1)
+    # + rows * (longest completion + 1)
     A, B = [1, 2, 3], [4, 5]
     ids = [A + [9, 9], B + [9], A + [9], A + [9, 9, 9, 9], B + [9, 9]]
     plens = [3, 2, 3, 3, 2]
-    # budget 20: A -> 2 + 3 rows * 5 = 17 fits; B -> 1 + 2 * 3 = 7 fits
+    # budget 30: A -> 2 + 3 rows * 5 = 17; A and B together -> 2 prompts * 2 + 5 rows * 5 = 29 fits
+    assert pack_prompt_groups(ids, plens, 30) == [[0, 2, 3, 1, 4]]
+    # budget 20: together 29 > 20; B alone -> 1 + 2 * 3 = 7
     assert pack_prompt_groups(ids, plens, 20) == [[0, 2, 3], [1, 4]]
-    # budget 10: A's rows are packed within 10 - 2 = 8 padded tokens: [3, 2] -> 6, + 5 -> 15 > 8
+    # budget 10: A's rows are packed within 10 - 2 = 8 padded tokens: [3, 2] -> 6, + 5 -> 15 > 8;
+    # A's second part [3] (2 + 5 = 7) with B: 2 * 2 + 3 * 5 = 19 > 10
     assert pack_prompt_groups(ids, plens, 10) == [[0, 2], [3], [1, 4]]
+    # group ids name the groups (the same prompt twice: two groups, packed together when they fit)
+    assert pack_prompt_groups([A + [9], A + [9], A + [9]], [3, 3, 3], 30, group_ids=[7, 8, 7]) == [[0, 2, 1]]
 
 
 def make_batch(model_path, n_rows=8, seed=0, group_size=1):
@@ -115,11 +121,13 @@ def shard(batch, world):
     return [({k: v[cut[r]:cut[r + 1]] for k, v in batch.items()},) for r in range(world)]
 
 
-@pytest.mark.parametrize("stage,group_size,old_logp", [(2, 4, "rollout"), (3, 4, "rollout"), (2, 1, "rollout"),
-                                                       (2, 4, "learner"), (3, 4, "learner")])
-def test_two_ranks_match_a_plain_pytorch_step(ray_session, tiny_model_path, stage, group_size, old_logp):
-    """group_size 4: the shared-prompt forward (prompt once, KV cache repeated; groups split
-    across ranks and micro-batches) against the reference's full forward of every row.
+@pytest.mark.parametrize("stage,group_size,old_logp,attn", [
+    (2, 4, "rollout", "auto"), (3, 4, "rollout", "auto"), (2, 1, "rollout", "auto"), (2, 4, "learner", "auto"),
+    (3, 4, "learner", "auto"), (2, 4, "rollout", "eager")])
+def test_two_ranks_match_a_plain_pytorch_step(ray_session, tiny_model_path, stage, group_size, old_logp, attn):
+    """group_size 4: the shared-prompt forward (each prompt once, in a padded batch of a micro-batch's
+    prompts; groups split across ranks and micro-batches) against the reference's full forward of every row.
+    attn: the learner's attention (auto is sdpa in fp32; eager is bf16's on CPU).
     old_logp "learner" (TIS against the engine's logprobs): the proximal logprobs are those of
     the update's own forward, detached, so each micro-batch runs the policy once (no pass of
     their own), and the update equals the reference's with a separate no-grad pass."""
@@ -127,6 +135,7 @@ def test_two_ranks_match_a_plain_pytorch_step(ray_session, tiny_model_path, stag
     learner_old = old_logp == "learner"
     ref_loss, ref_weights = reference_step(tiny_model_path, batch, learner_old=learner_old)
     extra = dict(old_logp="learner", rollout_correction="tis", is_cap=2.0) if learner_old else {}
+    extra["attn_implementation"] = attn
 
     def count_forwards(learner):     # runs in the actor (__ray_call__); nested: pickled by value
         learner.forwards = 0
@@ -147,6 +156,9 @@ def test_two_ranks_match_a_plain_pytorch_step(ray_session, tiny_model_path, stag
         group.kill()
     # one pass per micro-batch, whichever old_logp (a shared-prompt pass calls the model twice: prompt, rows)
     assert forwards == [len(micro) * (2 if share else 1) for micro, share in plans]
+    if group_size > 1:    # some micro-batch runs the prompts of two groups (of different lengths) at once
+        assert any(len({len(b["input_ids"][i][:b["prompt_lens"][i]]) for i in m}) > 1
+                   for (micro, _), (b,) in zip(plans, shard(batch, 2)) for m in micro)
     if learner_old:
         assert metrics[0]["train/ratio_max"] == pytest.approx(1.0, abs=1e-6)
         assert metrics[0]["train/mismatch_abs_mean"] > 0.1    # the batch adds noise of std .3 to the engine logprobs
