@@ -250,7 +250,7 @@ class Learner:
     def _plan(self, batch: dict, share: bool) -> tuple[list[list[int]], bool]:
         """Micro-batches (the same count on every rank; [] pads) and whether they all run the
         shared-prompt forward: only when prompts repeat (>= 2 rows per prompt on average over
-        all ranks; one micro-batch per distinct prompt costs more than it saves otherwise).
+        all ranks; with one row per prompt the separate prompt pass saves nothing and costs a forward).
         Every rank must take the same path: ZeRO reduces gradients in the order they become
         ready, and that order differs between the two forwards."""
         want = share and self.share_prefix

@@ -178,3 +178,12 @@ def test_a_correction_needs_the_learners_old_logp():
     assert cfg.algo.rollout_correction == "none"
     cfg = build_config({}, ["algo.rollout_correction=mis_sequence", "algo.mis_low=0.2", "algo.mis_high=5"])
     assert (cfg.algo.old_logp, cfg.algo.mis_low, cfg.algo.mis_high) == ("learner", 0.2, 5.0)
+
+
+def test_kv_block_size_is_one_vllm_accepts():
+    """rollout.block_size: None (32 on CPU, vLLM's default on GPU) or a power of two from 8 to 256."""
+    assert build_config({}).rollout.block_size is None
+    assert build_config({"rollout": {"block_size": 64}}).rollout.block_size == 64
+    with pytest.raises(ConfigError) as e:
+        build_config({"rollout": {"block_size": 48}})
+    assert "rollout.block_size" in str(e.value) and "48" in str(e.value)

@@ -183,3 +183,17 @@ def test_auto_precision_is_bf16_only_where_the_cpu_computes_it(tmp_path, monkeyp
     # the config resolves auto once, to this machine's answer; explicit values stay as written
     assert build_config({"model": {"dtype": "auto"}}).model.dtype == native_dtype()
     assert build_config({"model": {"dtype": "float32"}}).model.dtype == "float32"
+
+
+def test_learner_attention_is_eager_only_for_bf16_on_cpu():
+    """learner.attn_implementation auto: eager for bf16 on a CPU (PyTorch's CPU flash-attention
+    backward is slow in bf16), sdpa for fp32 and on GPUs; an explicit choice stays."""
+    import torch
+
+    from actors.learner import attention_backend
+
+    assert attention_backend("auto", torch.bfloat16, cuda=False) == "eager"
+    assert attention_backend("auto", torch.float32, cuda=False) == "sdpa"
+    assert attention_backend("auto", torch.bfloat16, cuda=True) == "sdpa"
+    assert attention_backend("sdpa", torch.bfloat16, cuda=False) == "sdpa"
+    assert attention_backend("eager", torch.float32, cuda=True) == "eager"
