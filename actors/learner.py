@@ -104,6 +104,18 @@ def pack_prompt_groups(input_ids: list[list[int]], prompt_lens: list[int], token
     return [[i for part in b for i in part] for b in batches]
 
 
+def common_prefix_len(prefixes: list[list[int]]) -> int:
+    """Leading tokens that all of (two or more) prompt prefixes share, leaving each at least one
+    token of its own; 0 for a single prefix. (The R1 system prompt is shared by every prompt.)"""
+    if len(prefixes) < 2:
+        return 0
+    limit = min(len(x) for x in prefixes) - 1
+    n = 0
+    while n < limit and all(x[n] == prefixes[0][n] for x in prefixes):
+        n += 1
+    return n
+
+
 def subset(batch: dict, rows: list[int]) -> dict:
     """The batch restricted to `rows` (its per-row lists; other values are dropped)."""
     return {k: [v[i] for i in rows] for k, v in batch.items() if isinstance(v, list)}
@@ -247,12 +259,15 @@ class Learner:
         # (without it, each backward overwrites the previous micro-batch's gradients)
         return model(input_ids=mb["ids"], attention_mask=mb["attn"]).logits[:, :-1]
 
-    def _plan(self, batch: dict, share: bool) -> tuple[list[list[int]], bool]:
-        """Micro-batches (the same count on every rank; [] pads) and whether they all run the
-        shared-prompt forward: only when prompts repeat (>= 2 rows per prompt on average over
-        all ranks; with one row per prompt the separate prompt pass saves nothing and costs a forward).
-        Every rank must take the same path: ZeRO reduces gradients in the order they become
-        ready, and that order differs between the two forwards."""
+    def _plan(self, batch: dict, share: bool) -> tuple[list[list[int]], bool, list[bool]]:
+        """Micro-batches (the same count on every rank; [] pads), whether they all run the
+        shared-prompt forward, and for each whether its prompts' common start runs on its own.
+
+        Sharing: only when prompts repeat (>= 2 rows per prompt on average over all ranks; with one
+        row per prompt the separate prompt pass saves nothing and costs a forward). The common start:
+        where the prompts of that micro-batch start alike on every rank. Every rank must take the
+        same path: ZeRO reduces gradients in the order they become ready, which differs between the
+        forwards, and ZeRO-3 gathers parameters in each."""
         want = share and self.share_prefix
         if want:     # the ranks agree on sharing first
             ids = batch.get("group_ids")
@@ -264,40 +279,63 @@ class Learner:
             want = not not_ok and rows >= 2 * prompts
         local = groups if want else pack_micro_batches([len(x) for x in batch["input_ids"]], self.micro_batch_tokens)
         n_micro = int(self._all_reduce([len(local)], "max")[0])
-        return local + [[] for _ in range(n_micro - len(local))], want
+        local += [[] for _ in range(n_micro - len(local))]
+        split = [False] * n_micro
+        if want and n_micro:
+            starts = [float(bool(common_prefix_len(self._prefixes(batch, idx)[0]))) for idx in local]
+            split = [n == self.world_size for n in self._all_reduce(starts)]
+        return local, want, split
 
-    def _forward(self, model, batch: dict, idx: list[int], share: bool) -> tuple[dict, torch.Tensor]:
-        """(tensors, next-token logits) of rows idx. share: each prompt runs once (see _plan). The
-        micro-batch's distinct prompts (consecutive rows with the same prompt) minus their last
-        token run as one right-padded batch that fills a KV cache (with gradients); each row takes
-        its prompt's cache entry and continues from the prompt's last token, the prompt's padding
-        masked. Tensors are then laid out as if each row's prompt were that one token (the same
-        logits, fewer positions)."""
+    @staticmethod
+    def _prefixes(batch: dict, idx: list[int]) -> tuple[list[list[int]], list[int]]:
+        """The distinct prompts of rows idx (consecutive rows with the same prompt) minus their last
+        token, and the index into them of each row."""
+        prefixes: list[list[int]] = []
+        row_prompt = []
+        for i in idx:
+            prefix = batch["input_ids"][i][:batch["prompt_lens"][i] - 1]
+            if not prefixes or prefixes[-1] != prefix:
+                prefixes.append(prefix)
+            row_prompt.append(len(prefixes) - 1)
+        return prefixes, row_prompt
+
+    def _forward(self, model, batch: dict, idx: list[int], share: bool, split: bool = False
+                 ) -> tuple[dict, torch.Tensor]:
+        """(tensors, next-token logits) of rows idx. share: each prompt runs once (see _plan).
+
+        The micro-batch's distinct prompts minus their last token fill a KV cache, with gradients,
+        as one right-padded batch; split: the tokens all of them start with (a system prompt) run
+        once before, on their own. Each row takes its prompt's cache entry and continues from the
+        prompt's last token, the padding masked. Tensors are then laid out as if each row's prompt
+        were that one token (the same logits, fewer positions)."""
         if not share:
             mb = self._shifted(batch, idx)
             return mb, self._logits(model, mb)
-        prompts: list[list[int]] = []
-        row_prompt = []         # index into prompts of each row
-        for i in idx:
-            prompt = batch["input_ids"][i][:batch["prompt_lens"][i]]
-            if not prompts or prompts[-1] != prompt:
-                prompts.append(prompt)
-            row_prompt.append(len(prompts) - 1)
+        prefixes, row_prompt = self._prefixes(batch, idx)
         rows = {k: [v[i] for i in idx] for k, v in batch.items() if isinstance(v, list)}
         rows["input_ids"] = [x[p - 1:] for x, p in zip(rows["input_ids"], rows["prompt_lens"])]
         rows["prompt_lens"] = [1] * len(idx)
         mb = self._shifted(rows, list(range(len(idx))))
-        prefix_ids = self._pad([p[:-1] for p in prompts], 0, torch.long)
-        prefix_lens = torch.tensor([len(p) - 1 for p in prompts], device=self.device)
-        prefix_mask = (torch.arange(prefix_ids.shape[1], device=self.device)[None] < prefix_lens[:, None]).long()
-        # the prefix runs through the module, not the engine: one engine forward per micro-batch
-        cache = getattr(model, "module", model)(input_ids=prefix_ids, attention_mask=prefix_mask,
-                                                use_cache=True).past_key_values
-        which = torch.tensor(row_prompt, device=self.device)
+        dev, n = self.device, len(prefixes)
+        common = common_prefix_len(prefixes) if split else 0
+        # the prompts run through the module, not the engine: one engine forward per micro-batch
+        module = getattr(model, "module", model)
+        cache = None
+        if common:
+            cache = module(input_ids=torch.tensor([prefixes[0][:common]], device=dev), use_cache=True).past_key_values
+            cache.batch_repeat_interleave(n)
+        tail_ids = self._pad([x[common:] for x in prefixes], 0, torch.long)
+        tail_lens = torch.tensor([len(x) - common for x in prefixes], device=dev)
+        tail_mask = (torch.arange(tail_ids.shape[1], device=dev)[None] < tail_lens[:, None]).long()
+        ones = torch.ones(n, common, dtype=tail_mask.dtype, device=dev)
+        cache = module(input_ids=tail_ids, attention_mask=torch.cat([ones, tail_mask], 1), past_key_values=cache,
+                       position_ids=common + torch.arange(tail_ids.shape[1], device=dev)[None].expand(n, -1),
+                       use_cache=True).past_key_values
+        which = torch.tensor(row_prompt, device=dev)
         cache.batch_select_indices(which)
-        g, width = mb["ids"].shape
-        attn = torch.cat([prefix_mask[which], mb["attn"]], 1)
-        pos = prefix_lens[which][:, None] + torch.arange(width, device=self.device)[None]
+        width = mb["ids"].shape[1]
+        attn = torch.cat([ones[which], tail_mask[which], mb["attn"]], 1)
+        pos = (common + tail_lens[which])[:, None] + torch.arange(width, device=dev)[None]
         logits = model(input_ids=mb["ids"], attention_mask=attn, position_ids=pos, past_key_values=cache,
                        use_cache=True).logits[:, :-1]
         return mb, logits
@@ -325,17 +363,17 @@ class Learner:
         refs = [list(o) for o in olds]
         run = self._rows_to_run(batch)
         sub = subset(batch, run)
-        micro, share = self._plan(sub, share=True)
-        for idx in micro:
+        micro, share, split = self._plan(sub, share=True)
+        for idx, split_common in zip(micro, split):
             if not idx:     # ZeRO-3 gathers parameters in every forward: all ranks run as many
                 for model in [self.engine] * need_old + [self.ref] * (self.ref is not None):
                     self._forward(model, PAD_ROW, [0], share)
                 continue
             if need_old:
-                mb, logits = self._forward(self.engine, sub, idx, share)
+                mb, logits = self._forward(self.engine, sub, idx, share, split_common)
                 old_lp = token_logprobs(logits, mb["targets"], self.temperature)
             if self.ref is not None:
-                mb, logits = self._forward(self.ref, sub, idx, share)
+                mb, logits = self._forward(self.ref, sub, idx, share, split_common)
                 ref_lp = token_logprobs(logits, mb["targets"], self.temperature)
             for r, i in enumerate(idx):
                 start = mb["starts"][r]
@@ -419,8 +457,9 @@ class Learner:
         denominator = g_tokens if per_token else g_rows
         run = self._rows_to_run(batch)
         batch = subset(batch, run)      # the rows left out add exactly 0 (they stay in the denominator)
-        micro, share = self._plan(batch, share=True)
-        micro = micro or [[]]           # no row to run on any rank: a zero gradient still steps (Adam's moments)
+        micro, share, split = self._plan(batch, share=True)
+        if not micro:                   # no row to run on any rank: a zero gradient still steps (Adam's moments)
+            micro, split = [[]], [False]
         # the engine's logprobs are always passed (the mismatch is measured); the correction acts
         # only against the learner's own proximal logprobs (old_logp="rollout": old == behavior)
         loss_kw = self.loss_kw if self.old_logp_source == "learner" else {**self.loss_kw, "rollout_correction": "none"}
@@ -434,7 +473,7 @@ class Learner:
             if not idx:
                 self.engine.backward(self._dummy_loss(share), scale_wrt_gas=False)
                 continue
-            mb, logits = self._forward(self.engine, batch, idx, share)
+            mb, logits = self._forward(self.engine, batch, idx, share, split[k])
             logp = token_logprobs(logits, mb["targets"], self.temperature)
             old = mb["old_logp"] if "old_logp" in mb else logp.detach()   # see _fill_old_and_ref
             loss, metrics = grpo_loss(logp, old, mb["adv"], mb["mask"], mb.get("ref_logp"),
@@ -478,7 +517,7 @@ class Learner:
         self.engine.train()
         local_tokens = sum(len(x) - p for x, p in zip(batch["input_ids"], batch["prompt_lens"]))
         g_tokens = self._all_reduce([local_tokens])[0]
-        micro, _ = self._plan(batch, share=False)   # SFT rows rarely share prompts
+        micro, _, _ = self._plan(batch, share=False)   # SFT rows rarely share prompts
         total, finite = 0.0, True
         for k, idx in enumerate(micro):
             if not idx:

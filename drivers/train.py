@@ -137,8 +137,9 @@ class Run:
 
     def _start_actors(self) -> None:
         """The learner ranks, then the pools; each built from its own config section."""
-        from actors.learner import Learner
+        from actors.learner import Learner, attention_backend
         from actors.rewards import RewardWorker
+        from actors.rollout import CPU_BLOCK_SIZE
         from drivers.placement import config_plan, cpu_threads
         from drivers.ray_utils import ActorGroup, rollout_group, rollout_worker_actor, visible_gpus
 
@@ -151,7 +152,10 @@ class Run:
         if not cuda:
             print(f"CPU threads ({cfg.train.mode}, {os.cpu_count()} cores): {cfg.rollout.num_workers} rollout engine(s) x "
                   f"{split['rollout']}, {cfg.learner.num_ranks} learner rank(s) x {threads}"
-                  + (" (phases take turns)" if cfg.train.mode == "sync" else " (at the same time)"), flush=True)
+                  + (" (phases take turns)" if cfg.train.mode == "sync" else " (at the same time)")
+                  + f"; {cfg.model.dtype}, learner attention "
+                  f"{attention_backend(cfg.learner.attn_implementation, getattr(torch, cfg.model.dtype), False)}, "
+                  f"KV-cache blocks of {cfg.rollout.block_size or CPU_BLOCK_SIZE} tokens", flush=True)
         self.learner = ActorGroup(Learner, cfg.learner.num_ranks, num_cpus=lp.num_cpus, num_gpus=lp.num_gpus,
                                   name="learner", env={"OMP_NUM_THREADS": str(threads)},
                                   kwargs_fn=lambda r, addr, port: dict(

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from actors.grpo import grpo_loss
-from actors.learner import Learner, pack_micro_batches, pack_prompt_groups
+from actors.learner import Learner, common_prefix_len, pack_micro_batches, pack_prompt_groups
 
 LOSS = dict(eps_low=0.2, eps_high=0.28, beta=0.0, agg="token-mean")
 # Adam's first step is g / (|g| + eps): with eps 1e-8, fp32 summation-order noise in
@@ -40,9 +40,19 @@ def test_pack_prompt_groups_by_hand():
     assert pack_prompt_groups([A + [9], A + [9], A + [9]], [3, 3, 3], 30, group_ids=[7, 8, 7]) == [[0, 2, 1]]
 
 
-def make_batch(model_path, n_rows=8, seed=0, group_size=1):
+def test_common_prefix_len_by_hand():
+    # the tokens all prefixes start with, leaving each at least one of its own
+    assert common_prefix_len([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3]]) == 2
+    assert common_prefix_len([[1, 2, 3], [1, 2, 3]]) == 2          # identical: one token left each
+    assert common_prefix_len([[1, 2], [3, 2]]) == 0
+    assert common_prefix_len([[1, 2, 3]]) == 0                      # one prompt: nothing to split
+    assert common_prefix_len([[1], [1, 2]]) == 0
+
+
+def make_batch(model_path, n_rows=8, seed=0, group_size=1, system=0):
     """Synthetic GRPO rows; behaviour logprobs = the model's own + noise (ratios off 1, some clipped).
-    Consecutive runs of `group_size` rows share a prompt (a GRPO group)."""
+    Consecutive runs of `group_size` rows share a prompt (a GRPO group); every prompt starts with
+    the same `system` tokens."""
     from transformers import AutoModelForCausalLM
 
     rng = random.Random(seed)
@@ -50,8 +60,8 @@ def make_batch(model_path, n_rows=8, seed=0, group_size=1):
     rows, plens = [], []
     for r in range(n_rows):
         if r % group_size == 0:
-            p = rng.randint(3, 8)
-            prompt = [rng.randrange(256) for _ in range(p)]
+            prompt = [5, 6, 7, 8, 9, 10][:system] + [rng.randrange(256) for _ in range(rng.randint(3, 8))]
+            p = len(prompt)
         c = rng.randint(2, 12)
         rows.append(prompt + [rng.randrange(256) for _ in range(c)])
         plens.append(p)
@@ -116,26 +126,28 @@ def learner_group(model_path, world, stage, **extra):
 
 
 def shard(batch, world):
-    # uneven shards: rank 0 gets more rows (and more micro-batches) than rank 1
-    cut = [0, 5, 8] if world == 2 else [0, len(batch["input_ids"])]
+    # uneven shards: rank 0 gets 5 rows, rank 1 the rest (3 of 8: fewer micro-batches than rank 0)
+    cut = [0, 5, len(batch["input_ids"])] if world == 2 else [0, len(batch["input_ids"])]
     return [({k: v[cut[r]:cut[r + 1]] for k, v in batch.items()},) for r in range(world)]
 
 
-@pytest.mark.parametrize("stage,group_size,old_logp,attn", [
-    (2, 4, "rollout", "auto"), (3, 4, "rollout", "auto"), (2, 1, "rollout", "auto"), (2, 4, "learner", "auto"),
-    (3, 4, "learner", "auto"), (2, 4, "rollout", "eager")])
-def test_two_ranks_match_a_plain_pytorch_step(ray_session, tiny_model_path, stage, group_size, old_logp, attn):
+@pytest.mark.parametrize("stage,group_size,old_logp,attn,system", [
+    (2, 4, "rollout", "auto", 0), (3, 4, "rollout", "auto", 4), (2, 1, "rollout", "auto", 0),
+    (2, 4, "learner", "auto", 0), (3, 4, "learner", "auto", 0), (2, 4, "rollout", "eager", 4)])
+def test_two_ranks_match_a_plain_pytorch_step(ray_session, tiny_model_path, stage, group_size, old_logp, attn, system):
     """group_size 4: the shared-prompt forward (each prompt once, in a padded batch of a micro-batch's
     prompts; groups split across ranks and micro-batches) against the reference's full forward of every row.
-    attn: the learner's attention (auto is sdpa in fp32; eager is bf16's on CPU).
+    attn: the learner's attention (auto is sdpa in fp32; eager is bf16's on CPU). system: tokens every
+    prompt starts with, which a micro-batch runs once before the rest of its prompts.
     old_logp "learner" (TIS against the engine's logprobs): the proximal logprobs are those of
     the update's own forward, detached, so each micro-batch runs the policy once (no pass of
     their own), and the update equals the reference's with a separate no-grad pass."""
-    batch = make_batch(tiny_model_path, group_size=group_size)
+    # with a common start: 4 groups and micro-batches of several prompts on both ranks
+    batch = make_batch(tiny_model_path, n_rows=16 if system else 8, group_size=group_size, system=system)
     learner_old = old_logp == "learner"
     ref_loss, ref_weights = reference_step(tiny_model_path, batch, learner_old=learner_old)
     extra = dict(old_logp="learner", rollout_correction="tis", is_cap=2.0) if learner_old else {}
-    extra["attn_implementation"] = attn
+    extra.update(attn_implementation=attn, micro_batch_tokens=200 if system else 40)
 
     def count_forwards(learner):     # runs in the actor (__ray_call__); nested: pickled by value
         learner.forwards = 0
@@ -154,11 +166,24 @@ def test_two_ranks_match_a_plain_pytorch_step(ray_session, tiny_model_path, stag
         weights = group.get(group.call("get_state_dict"))[0]
     finally:
         group.kill()
-    # one pass per micro-batch, whichever old_logp (a shared-prompt pass calls the model twice: prompt, rows)
-    assert forwards == [len(micro) * (2 if share else 1) for micro, share in plans]
+    # one pass per micro-batch, whichever old_logp (a shared-prompt pass calls the model twice: prompts,
+    # rows; three times where the prompts start alike on both ranks: their common start, the rest, rows)
+    shards = shard(batch, 2)
+    assert forwards == [sum(2 + s if share else 1 for s in split) for micro, share, split in plans]
+    # the common start runs where every rank's prompts of that micro-batch start alike (and only there)
+    def starts_alike(b, m):     # two or more prompts (minus their last token) of >= 2 tokens, one first token
+        prefixes = [tuple(b["input_ids"][i][:b["prompt_lens"][i] - 1]) for i in m]
+        prefixes = [x for j, x in enumerate(prefixes) if j == 0 or x != prefixes[j - 1]]
+        return len(prefixes) > 1 and len({x[0] for x in prefixes}) == 1 and min(map(len, prefixes)) >= 2
+
+    for k in range(len(plans[0][0])):
+        alike = all(starts_alike(b, micro[k]) for (micro, _, _), (b,) in zip(plans, shards))
+        assert all(split[k] == alike for _, _, split in plans)
+    if system:
+        assert any(any(split) for _, _, split in plans)
     if group_size > 1:    # some micro-batch runs the prompts of two groups (of different lengths) at once
         assert any(len({len(b["input_ids"][i][:b["prompt_lens"][i]]) for i in m}) > 1
-                   for (micro, _), (b,) in zip(plans, shard(batch, 2)) for m in micro)
+                   for (micro, _, _), (b,) in zip(plans, shards) for m in micro)
     if learner_old:
         assert metrics[0]["train/ratio_max"] == pytest.approx(1.0, abs=1e-6)
         assert metrics[0]["train/mismatch_abs_mean"] > 0.1    # the batch adds noise of std .3 to the engine logprobs
