@@ -4,8 +4,10 @@
     .venv/bin/python benchmarks/trl_vs_r1ray.py [--config configs/tiny.yaml] [--steps 12] [--sft-steps 150]
         [--set key=value ...]
 
-    # the second scale: SmolLM2-135M-Instruct from its base weights (no cold start)
-    .venv/bin/python benchmarks/trl_vs_r1ray.py --config configs/smollm2-zero.yaml --steps 3 --sft-steps 0 --modes sync
+    # the second scale: SmolLM2-135M-Instruct from its base weights (no cold start); TRL with eager
+    # attention runs out of 23 GB there (full-vocabulary logits and attention maps of 64 rows)
+    .venv/bin/python benchmarks/trl_vs_r1ray.py --config configs/smollm2-zero.yaml --steps 3 --sft-steps 0 \
+        --modes sync --trl-attn sdpa
 
 Every side (r1ray in each `--modes` mode, and TRL) starts from the same cold-start checkpoint
 (one r1ray SFT run; `--sft-steps 0`: the base weights) and trains `--steps` GRPO steps with the
@@ -15,7 +17,9 @@ function with r1ray's reward settings (actors/rewards.py; weights, extraction); 
 TRL generates with transformers (its CPU path; TRL's vLLM modes need CUDA) and gets every core;
 it computes in the config's model.dtype (bfloat16: TRL's bf16 autocast over fp32 weights; r1ray's
 engine and learner hold bf16 weights, the learner's optimizer an fp32 master copy) and
-without gradient checkpointing (TRL's default turns it on; r1ray does not recompute);
+without gradient checkpointing (TRL's default turns it on; r1ray does not recompute), with the
+attention r1ray's learner picks (`--trl-attn learner`: eager for bf16 on CPU, whose backward is
+faster there; TRL gains from it too) unless --trl-attn says otherwise;
 r1ray places its threads as it does by default (drivers/placement.py): in sync mode generation
 and learning take turns on every core, in async mode they split the cores. Prints JSON:
 completions/s and seconds per step of each, final reward (mean over the last third of the
