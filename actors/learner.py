@@ -15,9 +15,10 @@ Losses are normalised over the *global* batch (all ranks, all micro-batches), so
 equals one full-batch step of `actors.grpo.grpo_loss` whatever the micro-batching.
 
 Shared prompts (share_prefix, on by default): the G rows of a GRPO group repeat one prompt.
-Micro-batches then hold rows of one prompt, which runs once (its KV cache, with gradients, is
-repeated over the completions): the same logits and gradients for far fewer tokens when
-prompts are long next to completions.
+Micro-batches then hold whole groups; each prompt runs once (its KV cache, with gradients, is
+taken by its completions), and the tokens all the prompts start with (a system prompt) run once
+for the micro-batch: the same logits and gradients for far fewer tokens when prompts are long
+next to completions.
 
 Rows that cannot move the loss (skip_zero_advantage, on by default): with beta 0 every policy
 loss multiplies each token by its row's advantage, so a row whose advantage is exactly 0 (every
@@ -134,7 +135,8 @@ def attention_backend(requested: str, dtype: torch.dtype, cuda: bool) -> str:
 
     auto: on a CPU in bf16, eager (matmul + softmax, whose backward is two matmuls); PyTorch's CPU
     flash-attention backward in bf16 took 38% of a tiny-model train step on its own. sdpa elsewhere
-    (fp32 on CPU: the two are equal; GPUs: fused kernels).
+    (fp32 on CPU: the two are equal; GPUs: fused kernels). Eager keeps each layer's attention map
+    ([rows, heads, tokens, tokens]) for the backward: long rows need a smaller micro_batch_tokens.
     """
     if requested != "auto":
         return requested
@@ -322,7 +324,8 @@ class Learner:
         module = getattr(model, "module", model)
         cache = None
         if common:
-            cache = module(input_ids=torch.tensor([prefixes[0][:common]], device=dev), use_cache=True).past_key_values
+            cache = module(input_ids=torch.tensor([prefixes[0][:common]], device=dev), use_cache=True,
+                           logits_to_keep=1).past_key_values      # the cache is what counts, not the logits
             cache.batch_repeat_interleave(n)
         tail_ids = self._pad([x[common:] for x in prefixes], 0, torch.long)
         tail_lens = torch.tensor([len(x) - common for x in prefixes], device=dev)
@@ -330,7 +333,7 @@ class Learner:
         ones = torch.ones(n, common, dtype=tail_mask.dtype, device=dev)
         cache = module(input_ids=tail_ids, attention_mask=torch.cat([ones, tail_mask], 1), past_key_values=cache,
                        position_ids=common + torch.arange(tail_ids.shape[1], device=dev)[None].expand(n, -1),
-                       use_cache=True).past_key_values
+                       use_cache=True, logits_to_keep=1).past_key_values
         which = torch.tensor(row_prompt, device=dev)
         cache.batch_select_indices(which)
         width = mb["ids"].shape[1]

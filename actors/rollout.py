@@ -111,6 +111,8 @@ class RolloutWorker:
             kwargs["gpu_memory_utilization"] = r.gpu_memory_utilization
             kwargs["enable_sleep_mode"] = r.colocate     # CuMem pools that sleep() can release
         block_size = r.block_size or (None if torch.cuda.is_available() else CPU_BLOCK_SIZE)
+        if block_size and not torch.cuda.is_available() and block_size % 32:
+            raise ValueError(f"rollout.block_size {block_size}: vLLM's CPU attention needs a multiple of 32")
         if block_size:
             kwargs["block_size"] = block_size
         self.defaults = dict(temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_tokens)

@@ -93,7 +93,10 @@ def main():
                                                    a.threads)
            for dtype in ("bfloat16", "float32") for b in (32, 128)}
     batch = grpo_batch(ids, a.group_size, zero_groups=a.groups // 4)
-    one_group = max(len(x) for x in batch["input_ids"]) * a.group_size   # a budget that holds one group
+    # a budget that holds the costliest group alone (a prompt pass + G rows), never two
+    one_group = max(len(ids[k]) - 1 + a.group_size * max(len(x) - len(ids[k]) + 1 for x in
+                                                          batch["input_ids"][k * a.group_size:(k + 1) * a.group_size])
+                    for k in range(a.groups))
     init_ray()
     try:
         def learner_seconds(**kw) -> float:

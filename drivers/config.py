@@ -152,11 +152,13 @@ class LearnerConfig(_Section):
     micro_batch_tokens: int = Field(16384, ge=16, description="Padded tokens per micro-batch.")
     cpu_threads: int = Field(0, ge=0, le=1024, description="CPU only: torch threads per rank (0: sync cores / ranks; async the cores the "
                        "rollout engines leave, / ranks).")
-    share_prefix: bool = Field(True, description="Run each group's shared prompt once (KV cache repeated over its G rows).")
+    share_prefix: bool = Field(True, description="Run each group's shared prompt once (its KV cache taken by its G rows; "
+                               "a micro-batch's groups together, the start all their prompts share once).")
     attn_implementation: Literal["auto", "eager", "sdpa"] = Field(
         "auto", description="The policy's attention in the learner (transformers' attn_implementation). auto: eager "
-        "for bf16 on a CPU (PyTorch's CPU flash-attention backward is slow in bf16: 1.43x faster learner step at the "
-        "tiny size, 1.23x at SmolLM2's), sdpa elsewhere. Decided on each rank's own machine.")
+        "for bf16 on a CPU (PyTorch's CPU flash-attention backward is slow in bf16: 1.53x faster learner step at the "
+        "tiny size, 1.23x at SmolLM2's), sdpa elsewhere. Decided on each rank's own machine. Eager keeps every "
+        "layer's attention map for the backward: with long rows, lower micro_batch_tokens.")
     skip_zero_advantage: bool = Field(
         True, description="Do not run rows whose advantage is exactly 0 (flat groups): with algo.beta 0 they add exactly 0 "
         "to the loss and its gradient, and still count in its denominator. train/entropy, clip, ratio and mismatch "

@@ -126,14 +126,15 @@ def learner_group(model_path, world, stage, **extra):
 
 
 def shard(batch, world):
-    # uneven shards: rank 0 gets 5 rows, rank 1 the rest (3 of 8: fewer micro-batches than rank 0)
+    # uneven shards: rank 0 gets 5 rows, rank 1 the rest
     cut = [0, 5, len(batch["input_ids"])] if world == 2 else [0, len(batch["input_ids"])]
     return [({k: v[cut[r]:cut[r + 1]] for k, v in batch.items()},) for r in range(world)]
 
 
 @pytest.mark.parametrize("stage,group_size,old_logp,attn,system", [
     (2, 4, "rollout", "auto", 0), (3, 4, "rollout", "auto", 4), (2, 1, "rollout", "auto", 0),
-    (2, 4, "learner", "auto", 0), (3, 4, "learner", "auto", 0), (2, 4, "rollout", "eager", 4)])
+    (2, 4, "learner", "auto", 0), (3, 4, "learner", "auto", 0), (2, 4, "rollout", "eager", 4),
+    (2, 4, "learner", "auto", 3)])
 def test_two_ranks_match_a_plain_pytorch_step(ray_session, tiny_model_path, stage, group_size, old_logp, attn, system):
     """group_size 4: the shared-prompt forward (each prompt once, in a padded batch of a micro-batch's
     prompts; groups split across ranks and micro-batches) against the reference's full forward of every row.
@@ -147,7 +148,9 @@ def test_two_ranks_match_a_plain_pytorch_step(ray_session, tiny_model_path, stag
     learner_old = old_logp == "learner"
     ref_loss, ref_weights = reference_step(tiny_model_path, batch, learner_old=learner_old)
     extra = dict(old_logp="learner", rollout_correction="tis", is_cap=2.0) if learner_old else {}
-    extra.update(attn_implementation=attn, micro_batch_tokens=200 if system else 40)
+    # system 4: one micro-batch a rank, both with the common start; system 3: 100 tokens, two on
+    # rank 1 (one with it, one without), one and a pad on rank 0
+    extra.update(attn_implementation=attn, micro_batch_tokens={0: 40, 3: 100, 4: 200}[system])
 
     def count_forwards(learner):     # runs in the actor (__ray_call__); nested: pickled by value
         learner.forwards = 0
@@ -181,6 +184,9 @@ def test_two_ranks_match_a_plain_pytorch_step(ray_session, tiny_model_path, stag
         assert all(split[k] == alike for _, _, split in plans)
     if system:
         assert any(any(split) for _, _, split in plans)
+    if system == 3:   # micro-batches with and without the common start, and a rank's pad among them
+        assert {x for _, _, split in plans for x in split} == {True, False}
+        assert any(not m for micro, _, _ in plans for m in micro)
     if group_size > 1:    # some micro-batch runs the prompts of two groups (of different lengths) at once
         assert any(len({len(b["input_ids"][i][:b["prompt_lens"][i]]) for i in m}) > 1
                    for (micro, _, _), (b,) in zip(plans, shards) for m in micro)
@@ -324,15 +330,17 @@ def test_resume_nan_guard_sft_and_export(ray_session, tiny_model_path, tmp_path,
                                                  version + 1))
 
 
-@pytest.mark.parametrize("world,stage", [(1, 2), (2, 3)])
-def test_reference_model_and_learner_side_old_logp(ray_session, tiny_model_path, world, stage):
+@pytest.mark.parametrize("world,stage,system", [(1, 2, 0), (2, 3, 0), (2, 3, 4)])
+def test_reference_model_and_learner_side_old_logp(ray_session, tiny_model_path, world, stage, system):
     """beta > 0 loads a reference; old_logp="learner" takes the proximal policy from the update's own forward and weights
     tokens by min(exp(old - behavior), cap). First step: ref == old == current, so ratio 1, KL 0,
     and the loss is the token mean of -A * w, computed here from the HF model. 2 ranks, ZeRO-3,
     uneven shards: the rank with fewer micro-batches still runs every parameter gather."""
     from transformers import AutoModelForCausalLM
 
-    batch = make_batch(tiny_model_path, n_rows=4 * world, seed=3, group_size=2)   # shared prompts: old and ref too
+    # shared prompts: old and ref too; system: every prompt starts with the same tokens (run once)
+    batch = make_batch(tiny_model_path, n_rows=16 if system else 4 * world, seed=3, group_size=4 if system else 2,
+                       system=system)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_path).eval()
     num, den, diffs = 0.0, 0, []
     for ids, p, a, b in zip(batch["input_ids"], batch["prompt_lens"], batch["advantages"], batch["behavior_logp"]):
@@ -344,11 +352,16 @@ def test_reference_model_and_learner_side_old_logp(ray_session, tiny_model_path,
         den += len(b)
         diffs.append(old - torch.tensor(b))
     diffs = torch.cat(diffs)
-    group = learner_group(tiny_model_path, world, stage, beta=0.1, old_logp="learner", is_cap=2.0)
+    group = learner_group(tiny_model_path, world, stage, beta=0.1, old_logp="learner", is_cap=2.0,
+                          micro_batch_tokens=200 if system else 40)
     try:
         m = group.get(group.call_each("train_step", shard(batch, world)), timeout=300)[0]
+        plans = group.get([a.__ray_call__.remote(lambda learner, b: learner._plan(b, True), b)
+                           for a, (b,) in zip(group.actors, shard(batch, world))])
     finally:
         group.kill()
+    # system: the policy and the reference ran the prompts' common start once (on every rank)
+    assert all(any(split) == bool(system) for _, _, split in plans)
     assert m["train/kl"] == pytest.approx(0.0, abs=1e-6)
     assert m["train/ratio_max"] == pytest.approx(1.0, abs=1e-5)
     assert m["loss"] == pytest.approx(num / den, abs=1e-5)
