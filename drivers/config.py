@@ -156,7 +156,7 @@ class LearnerConfig(_Section):
                                "a micro-batch's groups together, the start all their prompts share once).")
     attn_implementation: Literal["auto", "eager", "sdpa"] = Field(
         "auto", description="The policy's attention in the learner (transformers' attn_implementation). auto: eager "
-        "for bf16 on a CPU (PyTorch's CPU flash-attention backward is slow in bf16: 1.53x faster learner step at the "
+        "for bf16 on a CPU (PyTorch's CPU flash-attention backward is slow in bf16: ~1.5x faster learner step at the "
         "tiny size, 1.23x at SmolLM2's), sdpa elsewhere. Decided on each rank's own machine. Eager keeps every "
         "layer's attention map for the backward: with long rows, lower micro_batch_tokens.")
     skip_zero_advantage: bool = Field(
